@@ -1,0 +1,1 @@
+"""Checkpoint loaders: Hugging Face folders, hub ids and GGUF files."""
