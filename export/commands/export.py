@@ -1,0 +1,131 @@
+"""``phonekit export``: load -> plan quantization -> budget gate -> export each format -> bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from phonekit.errors import QuantError, UsageError
+from phonekit.export.commands import verb_parser
+from phonekit.export.commands.generate import add_model_args
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", action="append", choices=["android", "ios", "all"],
+                   help="platform(s): android = .pte + .onnx, ios = .mlpackage + .pte, all = every format")
+    p.add_argument("--format", action="append", choices=["pte", "onnx", "coreml"], help="explicit format(s), repeatable")
+    p.add_argument("--quant", default="8da4w", help="scheme: fp32, fp16, w8, w4[-gN], 8da8w, 8da4w[-gN] (default 8da4w)")
+    p.add_argument("--quant-embedding", default="none", choices=["none", "8w", "4w"],
+                   help="embedding (and tied head) quantization (default none)")
+    p.add_argument("--context", type=int, default=None, help="KV-cache length = maximum tokens (default: min(model max, 2048))")
+    p.add_argument("--device", action="append", default=[], metavar="PROFILE",
+                   help="refuse the export when over budget on this device (repeatable; name, alias or .toml path)")
+    p.add_argument("--budget-fraction", type=float, default=0.10, help="budget as a fraction of DRAM (default 0.10)")
+    p.add_argument("--allow-over-budget", action="store_true", help="write an over-budget bundle anyway (verdict recorded)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = verb_parser(sub, "export", "Quantize and export a model into a bundle (manifest + tokenizer + artifacts).",
+                    "phonekit export smollm2-135m-instruct --target android --quant 8da4w --context 1024 --device pixel-8 --out bundles/smol")
+    add_model_args(p)
+    add_export_args(p)
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def resolve_context(lm: Any, context: int | None) -> int:
+    maxc = lm.config.max_context
+    if context is None:
+        return min(maxc, 2048)
+    if context < 2:
+        raise UsageError(f"--context {context}: must be at least 2")
+    if context > maxc:
+        raise UsageError(f"--context {context}: over the model's maximum of {maxc} (max_position_embeddings); use --context {maxc} or less")
+    return context
+
+
+def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], explicit: set[str]) -> dict[str, Any]:
+    """One quantization plan per format. A format named by --target that cannot run the
+    scheme gets its documented counterpart (recorded); a format named by --format errors."""
+    from phonekit.quant import check_format, make_plan, parse_embedding, parse_scheme
+    from phonekit.quant.schemes import FORMAT_SCHEMES, Scheme
+
+    scheme = parse_scheme(scheme_text)
+    emb = parse_embedding(emb_text)
+    plans = {}
+    for fmt in formats:
+        s = scheme
+        try:
+            check_format(scheme, fmt)
+        except QuantError:
+            if fmt in explicit:
+                raise
+            counterpart = {"8da4w": "w4", "8da8w": "w8", "w4": "8da4w", "w8": "8da8w", "fp16": "fp32"}[scheme.base]
+            if counterpart not in FORMAT_SCHEMES[fmt]:
+                raise
+            s = Scheme(counterpart, scheme.group_size)
+        plans[fmt] = make_plan(lm.model, s, emb, fmt)
+        if s != scheme:
+            plans[fmt].notes.append(f"--quant {scheme.name} is not available on {fmt}; this artifact uses {s.name}")
+    return plans
+
+
+def run(args: argparse.Namespace) -> int:
+    from phonekit.export import load_model
+    from phonekit.export.bundle import BundleWriter, base_manifest, validate_manifest
+    from phonekit.export.exporters import formats_for, get_exporter
+    from phonekit.export.progress import Steps
+
+    formats = formats_for(args.target, args.format)
+    explicit = set(args.format or [])
+    exporters = {f: get_exporter(f) for f in formats}
+    if not 0 < args.budget_fraction <= 1:
+        raise UsageError(f"--budget-fraction {args.budget_fraction}: must be in (0, 1]")
+    if args.out.exists() and not args.force:
+        raise UsageError(f"--out {args.out}: already exists; choose a new folder or pass --force to replace it")
+    steps = Steps(quiet=args.quiet or args.json)
+    with steps.step(f"load {args.model}"):
+        lm = load_model(args.model, random_weights=args.random_weights)
+    context = resolve_context(lm, args.context)
+    plans = plans_for(lm, args.quant, args.quant_embedding, formats, explicit)
+    budget = None
+    if args.device:
+        from phonekit.profiles.gate import check_gate
+
+        budget = check_gate(lm, plans, context, args.device, args.budget_fraction, args.allow_over_budget)
+    with BundleWriter(args.out, force=args.force) as writer:
+        root = writer.root
+        first = plans[formats[0]]
+        manifest = base_manifest(lm, context, first.summary(), root)
+        for fmt in formats:
+            with steps.step(f"export {fmt} ({plans[fmt].scheme.name})"):
+                art = exporters[fmt](lm, plans[fmt], context, root, steps)
+            art.details.setdefault("quantization", plans[fmt].summary())
+            manifest["artifacts"].append(art.to_manifest(root))
+        manifest["budget"] = budget
+        validate_manifest(manifest)
+        writer.write_json("manifest.json", manifest)
+        _write_card(root, manifest)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        for a in manifest["artifacts"]:
+            steps.console.print(f"{a['format']:>7}  {a['file']:<24} {a['bytes'] / 1e6:8.1f} MB  {a['backend']}")
+        steps.console.print(f"bundle: {args.out}")
+    return 0
+
+
+def _write_card(root: Path, manifest: dict[str, Any]) -> None:
+    """The bundle's model card, when the card renderer is present."""
+    try:
+        from phonekit.export.model_card import render_card
+    except ModuleNotFoundError as e:
+        if e.name == "phonekit.export.model_card":
+            return
+        raise
+    (root / "README.md").write_text(render_card(manifest), encoding="utf-8")
