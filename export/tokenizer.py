@@ -141,13 +141,47 @@ def load_sentencepiece(path: Path, template: str | None = None, cfg: dict[str, A
     return Tokenizer(backend, "sentencepiece", bos, [eos], add_bos, template, "<s>", "</s>", {"tokenizer.model": path.read_bytes()})
 
 
-def load_tokenizer_gguf(path: Path, reader: Any) -> Tokenizer:
-    """The tokenizer stored in a GGUF file, converted to a HF ``tokenizer.json``.
+# Pre-tokenizer regexes of the BPE families phonekit's models use (``tokenizer.ggml.pre``).
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-    The BPE-to-tokenizers conversion (pre-tokenizer regexes per ``tokenizer.ggml.pre``)
-    is transformers' GGUF converter; phonekit reads the ids and template itself.
+
+def _bpe_from_gguf(tokens: list[str], merges: list[str], pre: str | None) -> Any:
+    """A HF ``tokenizers`` byte-level BPE from GGUF ``tokens``/``merges``.
+
+    ``smollm`` splits digits before GPT-2's byte-level regex; ``qwen2`` (PLM) uses its
+    own split regex and NFC normalization; anything else gets GPT-2's regex.
     """
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def load_tokenizer_gguf(path: Path, reader: Any) -> Tokenizer:
+    """The tokenizer stored in a GGUF file, as a HF ``tokenizer.json``.
+
+    Byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM2, PLM/Qwen2) is built
+    here from the tokens and merges; other kinds (SentencePiece ``llama``) go through
+    transformers' GGUF converter.
+    """
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
     def field(name: str) -> Any:
         f = reader.fields.get(name)
@@ -156,13 +190,21 @@ def load_tokenizer_gguf(path: Path, reader: Any) -> Tokenizer:
     model = field("tokenizer.ggml.model")
     if model is None:
         raise TokenizerError(f"{path}: the GGUF file carries no tokenizer; pass a HF folder with tokenizer.json instead")
-    try:
-        from transformers import AutoTokenizer
+    if model == "gpt2":
+        tokens = field("tokenizer.ggml.tokens") or []
+        types = field("tokenizer.ggml.token_type") or []
+        backend = _bpe_from_gguf(tokens, field("tokenizer.ggml.merges") or [], field("tokenizer.ggml.pre"))
+        # Control tokens (type 3) are special: never split, skipped when decoding.
+        specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+        backend.add_special_tokens(specials)
+    else:
+        try:
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        backend = HFTokenizer.from_str(tok.backend_tokenizer.to_str())
-    except Exception as e:  # transformers wraps many parse failures
-        raise TokenizerError(f"{path}: cannot convert its {model!r} tokenizer ({e})") from None
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            backend = HFTokenizer.from_str(tok.backend_tokenizer.to_str())
+        except Exception as e:  # transformers wraps many parse failures
+            raise TokenizerError(f"{path}: cannot convert its {model!r} tokenizer ({e})") from None
     bos = field("tokenizer.ggml.bos_token_id")
     eos = field("tokenizer.ggml.eos_token_id")
     add_bos = bool(field("tokenizer.ggml.add_bos_token") or False)

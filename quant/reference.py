@@ -5,7 +5,9 @@ Each backend's artifact is tested against a model transformed by
 and, for the ``8da*`` schemes, every quantized linear's input quantized per token
 with min/max to int8 and back before the matmul. The rounding rules follow
 torchao's affine primitives (the kernels ExecuTorch runs), so the reference and
-the eager torchao model agree to float rounding.
+the eager torchao model agree to float rounding (``x * (1 / scale)`` then
+round-half-even, as torchao computes it: dividing instead flips codes that land
+on .5, e.g. the negative extreme of a symmetric group).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def quantize_symmetric(w: torch.Tensor, bits: int, group: int | None) -> tuple[t
     wg = w.float().reshape(out_f, in_f // g, g)
     amax = wg.abs().amax(dim=-1, keepdim=True)
     scale = (amax / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).eps)
-    q = torch.clamp(torch.round(wg / scale), qmin, qmax)
+    q = torch.clamp(torch.round(wg * (1.0 / scale)), qmin, qmax)
     return q.reshape(out_f, in_f).to(torch.int8), scale.squeeze(-1)
 
 
@@ -41,7 +43,7 @@ def quantize_asymmetric(w: torch.Tensor, bits: int, group: int | None) -> tuple[
     hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / (qmax - qmin)).clamp(min=torch.finfo(torch.float32).eps)
     zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
-    q = torch.clamp(torch.round(wg / scale) + zp, qmin, qmax)
+    q = torch.clamp(torch.round(wg * (1.0 / scale)) + zp, qmin, qmax)
     return q.reshape(out_f, in_f).to(torch.int8), scale.squeeze(-1), zp.squeeze(-1)
 
 
@@ -70,7 +72,7 @@ def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / (qmax - qmin)).clamp(min=torch.finfo(torch.float32).eps)
     zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
-    q = torch.clamp(torch.round(xf / scale) + zp, qmin, qmax)
+    q = torch.clamp(torch.round(xf * (1.0 / scale)) + zp, qmin, qmax)
     return ((q - zp) * scale).to(x.dtype)
 
 
@@ -116,5 +118,176 @@ def fake_quantize_model(model: nn.Module, plan: QuantPlan) -> nn.Module:
         if plan.head_tied_to_embedding:
             # The tied head reads the same (quantized) matrix; activations stay float for the head
             # unless the plan quantizes the head as a linear of its own.
+            model.lm_head = FakeQuantLinear(w, plan.head_dynamic_act)
+    return model
+
+
+# --- Weight-quantizer variants (issue 9) -------------------------------------------------
+# Each returns codes in the signed int range and a dequantization of the same form as
+# above: W ~= (q - zero) * scale per (row, group), ``zero`` None for symmetric variants
+# and a *float* for the affine ones (a per-group offset that is not a multiple of the
+# scale, as in GGUF's Q4_1 ``d * q + m``; an integer zero point cannot hold it).
+
+WEIGHT_METHODS = ("sym", "asym", "affine", "sym-search", "affine-search", "hqq")
+
+
+def _groups(w: torch.Tensor, group: int | None) -> torch.Tensor:
+    out_f, in_f = w.shape
+    g = in_f if group is None else group
+    return w.float().reshape(out_f, in_f // g, g)
+
+
+def quantize_affine(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min/max affine groups: scale = (max - min) / (2^bits - 1) and a float zero point, so
+    the group's min and max are codes ``qmin`` and ``qmax`` (zero need not be representable).
+    Reproduces a Q4_1 grid (groups of 32) to float rounding."""
+    qmin, qmax = INT_RANGE[bits]
+    out_f, in_f = w.shape
+    wg = _groups(w, group)
+    lo = wg.amin(dim=-1, keepdim=True)
+    hi = wg.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=torch.finfo(torch.float32).eps)
+    q = torch.clamp(torch.round((wg - lo) / scale) + qmin, qmin, qmax)
+    zero = qmin - lo / scale
+    return q.reshape(out_f, in_f).to(torch.int8), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def _ls_scale(wg: torch.Tensor, q: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """argmin_s ||wg - s q||^2 per group (fallback where q is all zero)."""
+    num = (wg * q).sum(-1, keepdim=True)
+    den = (q * q).sum(-1, keepdim=True)
+    s = torch.where(den > 0, num / den.clamp(min=1e-30), fallback)
+    return s.abs().clamp(min=torch.finfo(torch.float32).eps)
+
+
+def quantize_symmetric_search(w: torch.Tensor, bits: int, group: int | None,
+                              deltas: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-minimizing symmetric scales: try inverse scales (qabs + d) / amax for d in
+    ``deltas``, refit the scale by least squares for the codes each gives, keep the one with
+    the smallest squared error per group (llama.cpp's make_qx_quants idea). Includes the
+    plain max/7.5 choice (d = -0.5) and max/8, so it is never worse than either."""
+    qmin, qmax = INT_RANGE[bits]
+    out_f, in_f = w.shape
+    wg = _groups(w, group)
+    amax = wg.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+    qabs = float(-qmin)
+    if deltas is None:
+        deltas = tuple(round(-1.5 + 0.1 * i, 2) for i in range(21))  # (qabs-1.5 .. qabs+0.5) / amax
+    best_err = torch.full_like(amax, float("inf"))
+    best_s = amax / ((qmax - qmin) / 2)
+    for d in deltas:
+        s0 = amax / (qabs + d)
+        q = torch.clamp(torch.round(wg / s0), qmin, qmax)
+        for s in (s0, _ls_scale(wg, q, s0)):
+            qs = torch.clamp(torch.round(wg / s), qmin, qmax)
+            err = ((qs * s - wg) ** 2).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+    q = torch.clamp(torch.round(wg / best_s), qmin, qmax)
+    return q.reshape(out_f, in_f).to(torch.int8), best_s.squeeze(-1)
+
+
+def quantize_affine_search(w: torch.Tensor, bits: int, group: int | None,
+                           deltas: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Error-minimizing affine groups: for inverse scales (levels - 1 + d) / (max - min), take
+    the codes, fit scale and offset by least squares (a 2x2 solve per group), keep the best
+    (llama.cpp's make_qkx2_quants idea). d = 0 is the min/max choice, so a Q4_1 grid stays exact."""
+    qmin, qmax = INT_RANGE[bits]
+    out_f, in_f = w.shape
+    wg = _groups(w, group)
+    n = wg.shape[-1]
+    lo = wg.amin(dim=-1, keepdim=True)
+    hi = wg.amax(dim=-1, keepdim=True)
+    rng = (hi - lo).clamp(min=torch.finfo(torch.float32).eps)
+    nmax = qmax - qmin
+    if deltas is None:
+        deltas = tuple(round(-1.0 + 0.1 * i, 2) for i in range(21))
+    best_err = torch.full_like(lo, float("inf"))
+    best_s = rng / nmax
+    best_m = lo
+    sum_w = wg.sum(-1, keepdim=True)
+    for d in (0.0, *deltas):
+        iscale = (nmax + d) / rng
+        levels = torch.clamp(torch.round((wg - lo) * iscale), 0, nmax)
+        cands = [(1.0 / iscale, lo)]
+        # least squares w ~= s * L + m
+        sl = levels.sum(-1, keepdim=True)
+        sll = (levels * levels).sum(-1, keepdim=True)
+        slw = (levels * wg).sum(-1, keepdim=True)
+        det = n * sll - sl * sl
+        ok = det > 0
+        s_ls = torch.where(ok, (n * slw - sl * sum_w) / det.clamp(min=1e-30), 1.0 / iscale)
+        m_ls = torch.where(ok, (sll * sum_w - sl * slw) / det.clamp(min=1e-30), lo)
+        s_ls = s_ls.clamp(min=torch.finfo(torch.float32).eps)
+        cands.append((s_ls, m_ls))
+        for s, m in cands:
+            lv = torch.clamp(torch.round((wg - m) / s), 0, nmax)
+            err = ((lv * s + m - wg) ** 2).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_m = torch.where(better, m, best_m)
+    q = torch.clamp(torch.round((wg - best_m) / best_s), 0, nmax) + qmin
+    zero = qmin - best_m / best_s
+    return q.reshape(out_f, in_f).to(torch.int8), best_s.squeeze(-1), zero.squeeze(-1)
+
+
+def quantize_symmetric_hqq(w: torch.Tensor, bits: int, group: int | None, iters: int = 20,
+                           early_stop_tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ scale-only (symmetric): start from max/|qmin|, alternate rounding and the
+    least-squares scale. Written to match torchao's ``intx_choose_qparams_algorithm=
+    "hqq_scale_only"`` (``_choose_qparams_and_quantize_scale_only_hqq``) code for code."""
+    qmin, qmax = INT_RANGE[bits]
+    out_f, in_f = w.shape
+    wg = _groups(w, group)
+    eps = torch.finfo(torch.float32).eps
+    qabs = max(abs(qmin), abs(qmax))
+    scale = (wg.abs().amax(dim=-1) / qabs).clamp_min(eps)
+    prev = scale.clone()
+    for _ in range(max(1, iters)):
+        q = (wg / scale.unsqueeze(-1)).round().clamp(qmin, qmax)
+        num = (wg * q).sum(dim=-1)
+        den = (q * q).sum(dim=-1)
+        scale = torch.where(den > 0, num / den, prev).clamp_min(eps).abs()
+        rel = ((scale - prev).abs() / prev.clamp_min(eps)).max()
+        if rel < early_stop_tol:
+            break
+        prev = scale
+    q = (wg / scale.unsqueeze(-1)).round().clamp(qmin, qmax)
+    return q.reshape(out_f, in_f).to(torch.int8), scale
+
+
+def fake_quant_weight_method(w: torch.Tensor, bits: int, group: int | None, method: str = "sym") -> torch.Tensor:
+    """Quantize-dequantize round trip of W with one of ``WEIGHT_METHODS``."""
+    if method == "sym":
+        return fake_quant_weight(w, bits, group, False)
+    if method == "asym":
+        return fake_quant_weight(w, bits, group, True)
+    if method == "affine":
+        q, s, z = quantize_affine(w, bits, group)
+    elif method == "affine-search":
+        q, s, z = quantize_affine_search(w, bits, group)
+    elif method == "sym-search":
+        (q, s), z = quantize_symmetric_search(w, bits, group), None
+    elif method == "hqq":
+        (q, s), z = quantize_symmetric_hqq(w, bits, group), None
+    else:
+        raise ValueError(f"unknown weight method {method!r}; use one of {', '.join(WEIGHT_METHODS)}")
+    return dequantize(q, s, z).to(w.dtype)
+
+
+@torch.no_grad()
+def fake_quantize_model_method(model: nn.Module, plan: QuantPlan, method: str = "sym") -> nn.Module:
+    """``fake_quantize_model`` with every quantized weight (linears, and the embedding with
+    its tied head) rounded by ``method`` instead of the plan's min/max choice."""
+    for name, lp in plan.linears.items():
+        lin = model.get_submodule(name)
+        w = fake_quant_weight_method(lin.weight.data, lp.bits, lp.group_size, method)
+        _set(model, name, FakeQuantLinear(w, lp.dynamic_act))
+    if plan.embedding is not None:
+        w = fake_quant_weight_method(model.embed_tokens.weight.data, plan.embedding.bits, plan.embedding.group_size, method)
+        model.embed_tokens = FakeQuantEmbedding(w)
+        if plan.head_tied_to_embedding:
             model.lm_head = FakeQuantLinear(w, plan.head_dynamic_act)
     return model

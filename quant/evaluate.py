@@ -1,0 +1,359 @@
+"""Quantization quality: perplexity, its relative change and teacher-forced top-1
+agreement of a quantized model against fp32 on the same tokens.
+
+How a text is scored (``make_windows``): the text is tokenized once without BOS, capped
+at ``max_tokens`` tokens and cut into non-overlapping windows of ``context`` tokens.
+Each window is one full causal forward from position 0 (no state carried between
+windows); every token after the first of a window is a target, predicted from the
+tokens before it in that window. A model whose tokenizer adds BOS gets BOS in front
+of every window instead, and then every text token is a target. The fp32 model's
+per-target negative log-likelihood and argmax are computed once per window
+(``FloatReference``) and reused by every scheme, variant and sensitivity probe.
+
+- perplexity = exp(mean NLL over all targets);
+- relative change = ppl(scheme) / ppl(fp32) - 1;
+- top-1 agreement = share of targets where argmax(scheme logits) == argmax(fp32 logits).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phonekit.errors import QuantError, UsageError
+from phonekit.quant.plan import QuantPlan, make_plan
+from phonekit.quant.reference import WEIGHT_METHODS, fake_quantize_model_method
+from phonekit.quant.schemes import EmbeddingScheme, Scheme, parse_embedding, parse_scheme
+
+DEFAULT_CONTEXT = 512
+# 16 windows of 512: SmolLM2-135M's fp32 forward over 512 tokens takes 4-8 s on 2 cores,
+# so fp32 + one scheme is about 2-4 minutes, and 8k targets put the perplexity's
+# run-to-run standard error well under 1%.
+DEFAULT_MAX_TOKENS = 8192
+EVAL_TEXT = "eval_text.txt"
+BACKENDS = ("reference", "torchao")
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [S] -> logits [S, V]
+
+
+def default_text_path() -> Path:
+    """The shipped evaluation text (Botchan, English translation of 1919; see EVAL_TEXT_SOURCE.md)."""
+    return Path(str(resources.files("phonekit") / "data" / EVAL_TEXT))
+
+
+def read_text(path: Path | None) -> tuple[str, Path]:
+    path = Path(path) if path is not None else default_text_path()
+    if not path.is_file():
+        raise UsageError(f"--text {path}: no such file; give a UTF-8 text file (or leave --text out for the shipped text)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"--text {path}: cannot read it ({e.strerror})") from None
+    if not text.strip():
+        raise UsageError(f"--text {path}: the file is empty; give a text with at least a few hundred words")
+    return text, path
+
+
+@dataclass
+class Windows:
+    """Token windows of one text: ``inputs[i]`` is fed to the model from position 0 and
+    ``targets[i]`` are the tokens its positions ``0 .. len-2`` predict (``inputs[i][1:]``)."""
+
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    context: int
+    text_tokens: int  # text tokens used (after the cap)
+    total_text_tokens: int  # text tokens in the whole file
+    bos: bool
+
+    @property
+    def num_targets(self) -> int:
+        return sum(int(t.numel()) for t in self.targets)
+
+
+def make_windows(ids: Sequence[int], context: int, max_tokens: int | None, bos_id: int | None = None) -> Windows:
+    if context < 2:
+        raise UsageError(f"--context {context}: must be at least 2")
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens {max_tokens}: must be at least 2")
+    total = len(ids)
+    ids = list(ids)[: max_tokens] if max_tokens is not None else list(ids)
+    step = context - 1 if bos_id is not None else context
+    inputs, targets = [], []
+    for start in range(0, len(ids), step):
+        chunk = torch.tensor(ids[start:start + step], dtype=torch.long)
+        if bos_id is not None:
+            inputs.append(torch.cat([torch.tensor([bos_id]), chunk]))
+            targets.append(chunk)
+        elif chunk.numel() >= 2:
+            inputs.append(chunk)
+            targets.append(chunk[1:])
+    if not inputs:
+        raise UsageError(f"the evaluation text has {total} token(s); it needs at least 2")
+    return Windows(inputs, targets, context, len(ids), total, bos_id is not None)
+
+
+def tokenize(tokenizer: Any, text: str, context: int, max_tokens: int | None) -> Windows:
+    ids = tokenizer.encode(text, add_bos=False)
+    bos = tokenizer.bos_id if tokenizer.add_bos and tokenizer.bos_id is not None else None
+    return make_windows(ids, context, max_tokens, bos)
+
+
+def model_logits_fn(model: nn.Module) -> LogitsFn:
+    """Full causal forward without the KV cache: ids [S] -> fp32 logits [S, V]."""
+
+    @torch.inference_mode()
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        saved = model.caches
+        model.clear_caches()
+        try:
+            return model(ids[None], torch.arange(ids.numel())).float()[0]
+        finally:
+            model.caches = saved
+
+    return fn
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target NLL (float64) and argmax. Position p predicts token p + 1, so the
+    positions 0 .. S-2 of a window of S = len(targets) + 1 inputs predict its targets."""
+    if logits.shape[0] != targets.numel() + 1:
+        raise ValueError(f"{logits.shape[0]} positions for {targets.numel()} targets; expected one more position")
+    lg = logits[:-1].float()
+    nll = -F.log_softmax(lg, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    return nll.double(), lg.argmax(-1)
+
+
+@dataclass
+class WindowScores:
+    nll: list[torch.Tensor] = field(default_factory=list)
+    argmax: list[torch.Tensor] = field(default_factory=list)
+
+
+def run_scores(fn: LogitsFn, windows: Windows, on_window: Callable[[int], Any] | None = None) -> WindowScores:
+    out = WindowScores()
+    for i, (x, t) in enumerate(zip(windows.inputs, windows.targets)):
+        nll, am = score(fn(x), t)
+        out.nll.append(nll)
+        out.argmax.append(am)
+        if on_window is not None:
+            on_window(i)
+    return out
+
+
+def perplexity(nll: Sequence[torch.Tensor]) -> float:
+    cat = torch.cat([n.flatten() for n in nll])
+    return math.exp(float(cat.mean()))
+
+
+class FloatReference:
+    """fp32 NLL and argmax per window, computed once and shared by every comparison."""
+
+    def __init__(self, fn: LogitsFn, windows: Windows) -> None:
+        self.fn = fn
+        self.windows = windows
+        self._scores: WindowScores | None = None
+        self.seconds = 0.0
+
+    def scores(self, on_window: Callable[[int], Any] | None = None) -> WindowScores:
+        if self._scores is None:
+            t0 = time.perf_counter()
+            self._scores = run_scores(self.fn, self.windows, on_window)
+            self.seconds = time.perf_counter() - t0
+        return self._scores
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.scores().nll)
+
+    def subset(self, tokens: int) -> FloatReference:
+        """The first windows covering ``tokens`` text tokens, sharing the scores already computed."""
+        w = self.windows
+        step = w.context - 1 if w.bos else w.context
+        k = max(1, math.ceil(tokens / step))
+        if k >= len(w.inputs):
+            return self
+        sub = FloatReference(self.fn, Windows(w.inputs[:k], w.targets[:k], w.context, k * step, w.total_text_tokens, w.bos))
+        if self._scores is not None:
+            sub._scores = WindowScores(self._scores.nll[:k], self._scores.argmax[:k])
+        return sub
+
+
+@dataclass
+class Comparison:
+    perplexity: float
+    fp32_perplexity: float
+    ppl_change: float  # relative: ppl / ppl_fp32 - 1
+    top1_agreement: float
+    targets: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def compare(scores: WindowScores, ref: FloatReference, seconds: float = 0.0) -> Comparison:
+    rs = ref.scores()
+    agree = sum(int((a == b).sum()) for a, b in zip(scores.argmax, rs.argmax))
+    n = sum(int(a.numel()) for a in rs.argmax)
+    ppl, p0 = perplexity(scores.nll), perplexity(rs.nll)
+    return Comparison(ppl, p0, ppl / p0 - 1.0, agree / n, n, seconds)
+
+
+def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], Any] | None = None) -> Comparison:
+    t0 = time.perf_counter()
+    scores = run_scores(fn, ref.windows, on_window)
+    return compare(scores, ref, time.perf_counter() - t0)
+
+
+# --- scheme variants ------------------------------------------------------------------
+
+_OPT = re.compile(r"^(emb|embedding)=(none|8w|4w)$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A scheme plus eval-only research options: ``SCHEME[:OPT,OPT...]`` where OPT is a
+    weight method (``asym``, ``affine``, ``sym-search``, ``affine-search``, ``hqq``; default
+    ``sym``, the scheme's own min/max meaning) or ``emb=none|8w|4w`` (embedding and tied head)."""
+
+    text: str
+    scheme: Scheme
+    embedding: EmbeddingScheme
+    method: str = "sym"
+
+    @property
+    def label(self) -> str:
+        parts = [] if self.method == "sym" else [self.method]
+        if self.embedding.bits is not None:
+            parts.append(f"emb={self.embedding.name}")
+        return self.scheme.name + (":" + ",".join(parts) if parts else "")
+
+
+def parse_variant(text: str, default_embedding: str | None = "none") -> Variant:
+    base, _, opts = text.strip().partition(":")
+    scheme = parse_scheme(base)
+    emb = parse_embedding(default_embedding)
+    method = "sym"
+    for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
+        m = _OPT.match(opt)
+        if m:
+            emb = parse_embedding(m.group(2))
+        elif opt in WEIGHT_METHODS:
+            method = opt
+        else:
+            raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
+                             f"({', '.join(WEIGHT_METHODS)}) or emb=none|8w|4w, e.g. 8da4w:affine,emb=8w")
+    if method != "sym" and scheme.is_float and emb.bits is None:
+        raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
+    return Variant(text, scheme, emb, method)
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without KV caches (the tied head stays tied in the copy)."""
+    saved = model.caches
+    model.clear_caches()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.caches = saved
+
+
+def plan_for(model: nn.Module, variant: Variant) -> QuantPlan:
+    plan = make_plan(model, variant.scheme, variant.embedding, None)
+    if variant.method == "asym":
+        # The plan's own record of zero points, so torchao and the summary see them too.
+        plan.linears = {n: replace(lp, asymmetric=True) for n, lp in plan.linears.items()}
+        if plan.embedding is not None:
+            plan.embedding = replace(plan.embedding, asymmetric=True)
+    if variant.method != "sym":
+        plan.notes.append(f"weights rounded with {variant.method} (phonekit eval research variant)")
+    return plan
+
+
+@torch.no_grad()
+def quantized_model(model: nn.Module, variant: Variant, backend: str = "reference") -> tuple[nn.Module, QuantPlan]:
+    """A quantized copy of ``model`` (``model`` is left as it is)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    m = detached_copy(model)
+    plan = plan_for(m, variant)
+    if variant.scheme.base == "fp16":
+        # fp16 storage: weights rounded to half, arithmetic kept in fp32 (CPU half matmuls are slow
+        # and phones compute fp16 models with fp32 accumulation anyway).
+        for p in m.parameters():
+            p.data = p.data.half().float()
+    if backend == "reference":
+        return fake_quantize_model_method(m, plan, variant.method), plan
+    return apply_torchao(m, plan, variant.method), plan
+
+
+def apply_torchao(model: nn.Module, plan: QuantPlan, method: str) -> nn.Module:
+    """torchao's eager quantization (the tensor subclasses ExecuTorch lowers): ``sym`` and
+    ``asym`` through the shared ``apply_plan``; ``hqq`` through torchao's
+    ``intx_choose_qparams_algorithm="hqq_scale_only"``."""
+    from phonekit.quant.torchao_apply import apply_plan
+
+    if method in ("sym", "asym"):
+        return apply_plan(model, plan)
+    if method != "hqq":
+        raise QuantError(f"weight method {method!r} has no torchao counterpart; use --backend reference "
+                         "(torchao offers sym, asym and hqq)")
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import IntxChooseQParamsAlgorithm
+
+    hqq = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY
+
+    def config(bits: int, group: int | None, dyn: bool):  # noqa: ANN202 - torchao config
+        dtype = {8: torch.int8, 4: torch.int4}[bits]
+        gran = PerAxis(0) if group is None else PerGroup(group)
+        if dyn:
+            return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=gran,
+                                                         intx_choose_qparams_algorithm=hqq)
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=gran, intx_choose_qparams_algorithm=hqq)
+
+    if plan.embedding is not None:
+        e = plan.embedding
+        quantize_(model, config(e.bits, e.group_size, False), filter_fn=lambda m, fqn: fqn == "embed_tokens")
+        if plan.head_tied_to_embedding:
+            quantize_(model, config(e.bits, e.group_size, plan.head_dynamic_act), filter_fn=lambda m, fqn: fqn == "lm_head")
+    for name, lp in plan.linears.items():
+        quantize_(model, config(lp.bits, lp.group_size, lp.dynamic_act), filter_fn=lambda m, fqn, n=name: fqn == n)
+    return model
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    backend: str
+    comparison: Comparison
+    plan: QuantPlan
+
+    def as_dict(self) -> dict[str, Any]:
+        v = self.variant
+        return {"scheme": v.scheme.name, "variant": v.label, "weights": v.method, "embedding": v.embedding.name,
+                "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary()}
+
+
+def evaluate_variant(model: nn.Module, variant: Variant, ref: FloatReference, backend: str = "reference",
+                     on_window: Callable[[int], Any] | None = None) -> VariantResult:
+    qm, plan = quantized_model(model, variant, backend)
+    try:
+        cmp = evaluate_fn(model_logits_fn(qm), ref, on_window)
+    finally:
+        del qm
+    return VariantResult(variant, backend, cmp, plan)
