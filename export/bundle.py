@@ -92,6 +92,7 @@ class BundleWriter:
     def __enter__(self) -> "BundleWriter":
         try:
             self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            self.root.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be shared
         except OSError as e:
             raise UsageError(f"--out {self.out}: cannot write there ({e.strerror}); choose another --out") from None
         return self

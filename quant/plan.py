@@ -25,6 +25,9 @@ class LinearPlan:
     group_size: int | None  # None = per output channel
     asymmetric: bool = False
     dynamic_act: bool = False
+    # XNNPACK stores group-wise (blockwise int4) scales as bfloat16; the plan says so,
+    # so the reference and the eager model compute with the scales the artifact holds.
+    scale_bf16: bool = False
 
 
 @dataclass
@@ -43,7 +46,8 @@ class QuantPlan:
         groups: dict[str, list[str]] = {}
         for name, lp in self.linears.items():
             key = f"int{lp.bits} " + ("per-channel" if lp.group_size is None else f"g{lp.group_size}") + (
-                " asym" if lp.asymmetric else " sym") + (" + int8 per-token act" if lp.dynamic_act else "")
+                " asym" if lp.asymmetric else " sym") + (" bf16 scales" if lp.scale_bf16 else "") + (
+                " + int8 per-token act" if lp.dynamic_act else "")
             groups.setdefault(key, []).append(name)
         return {
             **self.scheme.describe(),
@@ -70,7 +74,7 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     plan.head_tied_to_embedding = tied
     if scheme.is_float:
         if emb.bits is not None:
-            plan.embedding = LinearPlan(emb.bits, emb.group_size)
+            plan.embedding = LinearPlan(emb.bits, emb.group_size, scale_bf16=fmt == "pte" and emb.group_size is not None)
             plan.head_dynamic_act = fmt == "pte"
         else:
             plan.kept_float.append("embed_tokens")
@@ -79,8 +83,9 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     raw = {n for n in lins if n.rsplit(".", 1)[-1] in RAW_WEIGHT_LINEARS}
     quant = {n: m for n, m in lins.items() if n not in raw}
     check_groups(scheme, {n: m.in_features for n, m in quant.items()})
+    bf16 = fmt == "pte" and scheme.group_size is not None
     for n in quant:
-        plan.linears[n] = LinearPlan(scheme.weight_bits, scheme.group_size, False, scheme.dynamic_act)
+        plan.linears[n] = LinearPlan(scheme.weight_bits, scheme.group_size, False, scheme.dynamic_act, bf16)
     for n in sorted(raw):
         plan.kept_float.append(n)
     if raw:
@@ -88,14 +93,14 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     if emb.bits is not None:
         if emb.group_size is not None and model.embed_tokens.weight.shape[1] % emb.group_size:
             raise QuantError(f"--quant-embedding 4w: group {emb.group_size} does not divide the embedding width; use 8w")
-        plan.embedding = LinearPlan(emb.bits, emb.group_size)
+        plan.embedding = LinearPlan(emb.bits, emb.group_size, scale_bf16=fmt == "pte" and emb.group_size is not None)
         plan.head_dynamic_act = scheme.dynamic_act or fmt == "pte"
     else:
         plan.kept_float.append("embed_tokens")
     if not tied:
         head = model.lm_head
         if scheme.group_size is None or head.in_features % scheme.group_size == 0:
-            plan.linears["lm_head"] = LinearPlan(scheme.weight_bits, scheme.group_size, False, scheme.dynamic_act)
+            plan.linears["lm_head"] = LinearPlan(scheme.weight_bits, scheme.group_size, False, scheme.dynamic_act, bf16)
         else:
             plan.kept_float.append("lm_head")
     elif emb.bits is None:

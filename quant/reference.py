@@ -56,12 +56,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
     return (qg * scale.float()[..., None]).reshape(out_f, in_f)
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, group: int | None, asymmetric: bool = False) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, bits: int, group: int | None, asymmetric: bool = False,
+                      scale_bf16: bool = False) -> torch.Tensor:
+    """Quantize-dequantize W. ``scale_bf16``: codes from the fp32 scale, then the scale
+    stored in bfloat16 (what XNNPACK keeps for group-wise weights)."""
     if asymmetric:
         q, s, z = quantize_asymmetric(w, bits, group)
-        return dequantize(q, s, z).to(w.dtype)
-    q, s = quantize_symmetric(w, bits, group)
-    return dequantize(q, s).to(w.dtype)
+    else:
+        (q, s), z = quantize_symmetric(w, bits, group), None
+    if scale_bf16:
+        s = s.to(torch.bfloat16).float()
+    return dequantize(q, s, z).to(w.dtype)
 
 
 def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -109,11 +114,12 @@ def fake_quantize_model(model: nn.Module, plan: QuantPlan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place with reference fake quantization."""
     for name, lp in plan.linears.items():
         lin = model.get_submodule(name)
-        w = fake_quant_weight(lin.weight.data, lp.bits, lp.group_size, lp.asymmetric)
+        w = fake_quant_weight(lin.weight.data, lp.bits, lp.group_size, lp.asymmetric, lp.scale_bf16)
         _set(model, name, FakeQuantLinear(w, lp.dynamic_act))
     if plan.embedding is not None:
         emb = model.embed_tokens
-        w = fake_quant_weight(emb.weight.data, plan.embedding.bits, plan.embedding.group_size, plan.embedding.asymmetric)
+        e = plan.embedding
+        w = fake_quant_weight(emb.weight.data, e.bits, e.group_size, e.asymmetric, e.scale_bf16)
         model.embed_tokens = FakeQuantEmbedding(w)
         if plan.head_tied_to_embedding:
             # The tied head reads the same (quantized) matrix; activations stay float for the head

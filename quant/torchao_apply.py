@@ -54,10 +54,22 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     for (bits, group, asym, dyn), names in by_cfg.items():
         wanted = set(names)
         quantize_(model, _config(LinearPlan(bits, group, asym, dyn), dyn), filter_fn=lambda m, fqn, w=wanted: fqn in w)
+    for name, lp in plan.linears.items():
+        if lp.scale_bf16:
+            _round_scales_bf16(model.get_submodule(name).weight)
+    if plan.embedding is not None and plan.embedding.scale_bf16:
+        _round_scales_bf16(model.embed_tokens.weight)
+        if plan.head_tied_to_embedding and _is_quantized(model.lm_head.weight):
+            _round_scales_bf16(model.lm_head.weight)
     unquantized = [n for n in plan.linears if not _is_quantized(model.get_submodule(n).weight)]
     if unquantized:
         raise QuantError(f"torchao left {unquantized[0]!r} unquantized ({len(unquantized)} layers); the plan cannot be applied")
     return model
+
+
+def _round_scales_bf16(w: torch.Tensor) -> None:
+    """Keep the codes, round the scales to bfloat16 values (still stored as fp32)."""
+    w.scale.copy_(w.scale.to(torch.bfloat16).to(w.scale.dtype))
 
 
 def _is_quantized(w: torch.Tensor) -> bool:

@@ -23,8 +23,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # mean over the last dim written as a 4D mean over dims (2, 3): the same number,
+        # but XNNPACK delegates it (global average pooling), so norms don't split partitions.
+        ms = h.pow(2).unsqueeze(-2).mean(dim=(-2, -1), keepdim=True).squeeze(-2)
+        return self.weight * (h * torch.rsqrt(ms + self.eps)).to(dtype)
 
 
 def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +36,51 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.
     return freqs.cos(), freqs.sin()
 
 
+class Rope(nn.Module):
+    """RoPE as ``x * cos + rot(x) * sin``.
+
+    ``interleaved=False``: rotate-half (NeoX / HF Llama), rot(x) = cat(-x[D/2:], x[:D/2]).
+    ``interleaved=True``: GPT-J / ggml NORM pairs, rot maps (x0, x1) -> (-x1, x0) per pair,
+    computed as a matmul with a constant signed permutation R: it stays inside a delegated
+    XNNPACK partition (strided pair slicing would not) and gives the same numbers.
+    """
+
+    def __init__(self, dim: int, theta: float, interleaved: bool) -> None:
+        super().__init__()
+        self.dim, self.theta, self.interleaved = dim, theta, interleaved
+        r = torch.zeros(dim, dim)
+        half = dim // 2
+        for i in range(half):
+            if interleaved:  # y[2i] = -x[2i+1], y[2i+1] = x[2i]
+                r[2 * i + 1, 2 * i] = -1.0
+                r[2 * i, 2 * i + 1] = 1.0
+            else:  # y[i] = -x[i+half], y[i+half] = x[i]
+                r[i + half, i] = -1.0
+                r[i, i + half] = 1.0
+        self.register_buffer("rot", r, persistent=False)
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin expanded to the full head dim, [S, D] (computed once per forward)."""
+        cos, sin = rope_angles(positions, self.dim, self.theta)
+        if self.interleaved:
+            return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H, D]; cos/sin [S, D] from ``angles``."""
+        xf = x.float()
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        if self.interleaved:
+            rotated = torch.mm(xf.reshape(-1, self.dim), self.rot.to(xf.dtype)).view(xf.shape)
+        else:
+            # Slices here: the matmul form makes the 1.5.1 XNNPACK partitioner find a
+            # dependency cycle in GQA graphs ("Invalid partition").
+            rotated = torch.cat([-xf[..., self.dim // 2:], xf[..., : self.dim // 2]], dim=-1)
+        return (xf * c + rotated * s).to(x.dtype)
+
+
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX / HF Llama) RoPE on x [B, S, H, D]; cos/sin [S, D/2]."""
+    """Rotate-half RoPE by slicing (the textbook form; tests compare ``Rope`` with it)."""
     half = x.shape[-1] // 2
     c = torch.cat([cos, cos], dim=-1)[None, :, None, :]
     s = torch.cat([sin, sin], dim=-1)[None, :, None, :]
@@ -44,7 +89,7 @@ def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved-pair (GPT-J / ggml NORM) RoPE on x [B, S, H, D]; cos/sin [S, D/2]."""
+    """Interleaved-pair RoPE by pairs (the textbook form; tests compare ``Rope`` with it)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     c = cos[None, :, None, :]
@@ -61,6 +106,21 @@ def causal_mask(query_pos: torch.Tensor, key_len: int) -> torch.Tensor:
     """
     keys = torch.arange(key_len, device=query_pos.device)
     return keys[None, :] <= query_pos[:, None]
+
+
+def additive_mask(query_pos: torch.Tensor, key_len: int, repeat: int = 1) -> torch.Tensor:
+    """``causal_mask`` as 0 / -inf floats, rows tiled ``repeat`` times (grouped-query layout).
+    Built once per forward and shared by every layer."""
+    m = torch.where(causal_mask(query_pos, key_len), 0.0, float("-inf"))
+    return m.repeat(repeat, 1) if repeat > 1 else m
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, softmax in fp32. Written out rather than
+    ``F.scaled_dot_product_attention`` so its output has plain contiguous strides under
+    dynamic shapes (the fused op's decomposition leaves strides torch.export cannot reason about)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask.to(q.dtype)
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
 class KVCache(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phonekit.errors import CheckpointError, ConfigError
-from phonekit.export.models.common import KVCache, RMSNorm, apply_rope_half, causal_mask, rope_angles
+from phonekit.export.models.common import KVCache, RMSNorm, Rope, additive_mask, attention
 
 FAMILY = "mobilellm"
 HF_MODEL_TYPES = ("mobilellm", "llama")
@@ -137,7 +137,7 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, rope: Rope) -> None:
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv = args.num_key_value_heads
@@ -147,6 +147,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.rope = [rope]  # shared module, kept out of this module's parameters/buffers
 
     def forward(
         self,
@@ -154,25 +155,23 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         input_pos: torch.Tensor,
+        mask: torch.Tensor,
         cache: KVCache | None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(bsz, seq, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(bsz, seq, self.n_kv, self.head_dim)
-        q = apply_rope_half(q, cos, sin).transpose(1, 2)
-        k = apply_rope_half(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        rope = self.rope[0]
+        q = rope(self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = rope(self.k_proj(x).view(bsz, seq, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        mask = causal_mask(input_pos, k.shape[2])
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(o.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
+        o = attention(q, k, v, mask, self.head_dim ** -0.5).transpose(1, 2)
+        return self.o_proj(o.reshape(bsz, seq, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -187,15 +186,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, rope: Rope) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, rope)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, input_pos, cache):  # noqa: ANN001 - hot path, types as in Attention
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, cache)
+    def forward(self, x, cos, sin, input_pos, mask, cache):  # noqa: ANN001 - hot path, types as in Attention
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -212,7 +211,8 @@ class Transformer(nn.Module):
         args.validate()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
+        self.rope = Rope(args.head_dim, args.rope_theta, interleaved=False)
+        self.layers = nn.ModuleList(Block(args, self.rope) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -234,12 +234,14 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         x = self.embed_tokens(tokens)
-        cos, sin = rope_angles(input_pos, self.args.head_dim, self.args.rope_theta)
+        cos, sin = self.rope.angles(input_pos)
+        key_len = self.caches[0].max_len if self.caches is not None else tokens.shape[1]
+        mask = additive_mask(input_pos, key_len)
         slot = 0
         for block in self.layers:
             for _ in range(self.repeats):
                 cache = self.caches[slot] if self.caches is not None else None
-                x = block(x, cos, sin, input_pos, cache)
+                x = block(x, cos, sin, input_pos, mask, cache)
                 slot += 1
         if last_only:
             x = x[:, -1:, :]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phonekit.errors import CheckpointError, ConfigError
-from phonekit.export.models.common import KVCache, RMSNorm, apply_rope_interleaved, causal_mask, rope_angles
+from phonekit.export.models.common import KVCache, RMSNorm, Rope, additive_mask, attention
 
 FAMILY = "plm"
 HF_MODEL_TYPES = ("plm",)
@@ -132,9 +132,10 @@ class ModelArgs:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, rope: Rope) -> None:
         super().__init__()
         self.args = args
+        self.rope = [rope]  # shared module, kept out of this module's parameters/buffers
         self.n_heads = args.num_attention_heads
         d, r = args.hidden_size, args.kv_lora_rank
         self.q_proj = nn.Linear(d, self.n_heads * args.qk_head_dim, bias=False)
@@ -154,16 +155,16 @@ class MLAttention(nn.Module):
         ckv = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(ckv[..., : a.kv_lora_rank])
         k_pe = ckv[..., a.kv_lora_rank :].unsqueeze(2)  # one rope key shared by all heads
-        q_pe = apply_rope_interleaved(q_pe, cos, sin)
-        k_pe = apply_rope_interleaved(k_pe, cos, sin)
+        q_pe = self.rope[0](q_pe, cos, sin)
+        k_pe = self.rope[0](k_pe, cos, sin)
         return q_nope, q_pe, c, k_pe
 
-    def forward(self, x, cos, sin, input_pos, cache: KVCache | None, naive: bool = False):  # noqa: ANN001
+    def forward(self, x, cos, sin, input_pos, mask, cache: KVCache | None, naive: bool = False):  # noqa: ANN001
         a = self.args
         bsz, seq, _ = x.shape
         q_nope, q_pe, c, k_pe = self._project(x, cos, sin)
         if naive:
-            return self._naive(q_nope, q_pe, c, k_pe, input_pos)
+            return self._naive(q_nope, q_pe, c, k_pe, mask)
         c = c.unsqueeze(1)  # [B, 1, S, r]
         k_pe = k_pe.transpose(1, 2)  # [B, 1, S, dr]
         if cache is not None:
@@ -171,16 +172,18 @@ class MLAttention(nn.Module):
             c, k_pe = c.to(x.dtype), k_pe.to(x.dtype)
         w_b = self.kv_b_proj.weight.view(self.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         w_uk, w_uv = w_b[:, : a.qk_nope_head_dim, :], w_b[:, a.qk_nope_head_dim :, :]
-        q_lat = torch.einsum("bshd,hdr->bhsr", q_nope, w_uk)
+        q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [B, H, S, r]
         q_cat = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, H, S, r + dr]
-        k_cat = torch.cat([c, k_pe], dim=-1).expand(bsz, self.n_heads, -1, -1)
-        v_lat = c.expand(bsz, self.n_heads, -1, -1)
-        mask = causal_mask(input_pos, k_cat.shape[2])
-        o_lat = F.scaled_dot_product_attention(q_cat, k_cat, v_lat, attn_mask=mask, scale=self.scale)
-        o = torch.einsum("bhsr,hvr->bshv", o_lat, w_uv)
-        return self.o_proj(o.reshape(bsz, seq, self.n_heads * a.v_head_dim))
+        # Every head attends to the same latent keys/values (MQA-like), so the heads are
+        # stacked along the query axis: one [H*S, K] attention, no per-head copies of the cache.
+        q_cat = q_cat.contiguous().view(bsz, 1, self.n_heads * seq, a.kv_lora_rank + a.qk_rope_head_dim)
+        k_cat = torch.cat([c, k_pe], dim=-1)
+        o_lat = attention(q_cat, k_cat, c, mask, self.scale)
+        o_lat = o_lat.view(bsz, self.n_heads, seq, a.kv_lora_rank)
+        o = torch.matmul(o_lat, w_uv.transpose(1, 2))  # [B, H, S, dv]
+        return self.o_proj(o.transpose(1, 2).reshape(bsz, seq, self.n_heads * a.v_head_dim))
 
-    def _naive(self, q_nope, q_pe, c, k_pe, input_pos):  # noqa: ANN001
+    def _naive(self, q_nope, q_pe, c, k_pe, mask):  # noqa: ANN001
         """Decompressed K/V, as the HF PR, llama.cpp and vLLM compute it (no cache)."""
         a = self.args
         bsz, seq, _, _ = q_nope.shape
@@ -188,8 +191,8 @@ class MLAttention(nn.Module):
         k_nope, v = kv[..., : a.qk_nope_head_dim], kv[..., a.qk_nope_head_dim :]
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        mask = causal_mask(input_pos, seq)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        causal = mask[:seq, :seq]  # the additive mask's first copy of the rows, no cache: [S, S]
+        o = attention(q, k, v.transpose(1, 2), causal, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, seq, self.n_heads * a.v_head_dim))
 
 
@@ -204,15 +207,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, rope: Rope) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = MLAttention(args)
+        self.self_attn = MLAttention(args, rope)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, input_pos, cache, naive=False):  # noqa: ANN001
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, cache, naive)
+    def forward(self, x, cos, sin, input_pos, mask, cache, naive=False):  # noqa: ANN001
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, cache, naive)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -224,7 +227,8 @@ class Transformer(nn.Module):
         args.validate()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
+        self.rope = Rope(args.qk_rope_head_dim, args.rope_theta, interleaved=True)
+        self.layers = nn.ModuleList(Block(args, self.rope) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.lm_head.weight = self.embed_tokens.weight
@@ -243,10 +247,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         x = self.embed_tokens(tokens)
-        cos, sin = rope_angles(input_pos, self.args.qk_rope_head_dim, self.args.rope_theta)
+        cos, sin = self.rope.angles(input_pos)
+        key_len = self.caches[0].max_len if self.caches is not None else tokens.shape[1]
+        mask = additive_mask(input_pos, key_len, self.args.num_attention_heads)
         for i, block in enumerate(self.layers):
             cache = self.caches[i] if self.caches is not None else None
-            x = block(x, cos, sin, input_pos, cache, self.naive)
+            x = block(x, cos, sin, input_pos, mask, cache, self.naive)
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(self.norm(x))

@@ -1,0 +1,140 @@
+"""ExecuTorch export: .pte logits against the eager model (fp32) and the quant
+reference (quantized), layer sharing stored once, runner metadata, and the
+demo model through ExecuTorch's own C++ LLM runner (TextLLMRunner)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_lm
+
+from phonekit.export import pte_export
+from phonekit.export.progress import Steps
+from phonekit.export.pte_runtime import PteSession
+from phonekit.quant import make_plan, parse_embedding, parse_scheme
+from phonekit.quant.reference import fake_quantize_model
+
+CTX = 32
+
+
+def _export(lm, scheme: str, root: Path, emb: str = "none", ctx: int = CTX):
+    plan = make_plan(lm.model, parse_scheme(scheme), parse_embedding(emb), "pte")
+    root.mkdir(parents=True, exist_ok=True)
+    art = pte_export.export(lm, plan, ctx, root, Steps(quiet=True))
+    return plan, art
+
+
+def _reference_logits(lm, plan, ids: list[int]) -> torch.Tensor:
+    model = copy.deepcopy(lm.model)
+    if not plan.scheme.is_float or plan.embedding is not None:
+        fake_quantize_model(model, plan)
+    model.clear_caches()
+    with torch.no_grad():
+        return model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+
+
+def _pte_logits(path: Path, ids: list[int], split: int) -> np.ndarray:
+    """Prefill ``ids[:split]`` in one call, then decode the rest one token at a time."""
+    s = PteSession(path, CTX)
+    rows = [s.forward(ids[:split], 0)]
+    for p in range(split, len(ids)):
+        rows.append(s.forward([ids[p]], p))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("family,ls", [("mobilellm", False), ("mobilellm", True), ("plm", False)])
+def test_fp32_pte_equals_eager(tmp_path, family, ls):
+    lm = make_tiny_lm(family, layer_sharing=ls, seed=21)
+    plan, art = _export(lm, "fp32", tmp_path)
+    ids = torch.randint(3, 300, (20,)).tolist()
+    got = _pte_logits(tmp_path / "model.pte", ids, 12)
+    ref = _reference_logits(lm, plan, ids)[11:].numpy()
+    assert np.abs(got - ref).max() < 1e-4
+    meta = art.details["runner_metadata"]
+    assert meta["get_max_seq_len"] == meta["get_max_context_len"] == CTX
+    assert meta["get_n_layers"] == lm.config.block_applications
+
+
+@pytest.mark.parametrize("family,scheme,emb", [("mobilellm", "8da4w", "none"), ("plm", "8da8w", "8w"),
+                                                ("mobilellm", "8da4w-g16", "4w")])
+def test_quantized_pte_matches_reference(tmp_path, family, scheme, emb):
+    """The artifact computes the quant/ reference of its scheme: int8 per-token activations,
+    int4 groups (bf16 scales, as XNNPACK stores them) or int8 channels, quantized embedding and tied head."""
+    lm = make_tiny_lm(family, seed=22)
+    plan, art = _export(lm, scheme, tmp_path, emb)
+    ids = torch.randint(3, 300, (16,)).tolist()
+    got = _pte_logits(tmp_path / "model.pte", ids, 10)
+    ref = _reference_logits(lm, plan, ids)[9:].numpy()
+    fp = _reference_logits(lm, make_plan(lm.model, parse_scheme("fp32"), parse_embedding("none"), "pte"), ids)[9:].numpy()
+    # Stated tolerance: 1e-4 absolute against the reference (float accumulation order only),
+    # while the quantization itself moves the logits by far more.
+    assert np.abs(got - ref).max() < 1e-4
+    assert np.abs(ref - fp).max() > 1e-2
+    assert art.details["delegation"]["delegated_nodes"] > 0
+
+
+def test_layer_sharing_stores_shared_blocks_once(tmp_path):
+    """-LS runs each block twice, but the .pte holds its weights once: same size within 1%."""
+    kw = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    plain = make_tiny_lm("mobilellm", False, seed=1, **kw)
+    ls = make_tiny_lm("mobilellm", True, seed=1, **kw)
+    _export(plain, "8da4w", tmp_path / "plain")
+    _export(ls, "8da4w", tmp_path / "ls")
+    a, b = (tmp_path / "plain" / "model.pte").stat().st_size, (tmp_path / "ls" / "model.pte").stat().st_size
+    weights = 2 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 768) // 2  # int4 payload alone, 2 layers
+    assert a > weights, "the file must hold the quantized weights"
+    assert abs(b - a) / a < 0.01, (a, b)
+
+
+def test_bad_group_size_is_a_clear_error(capsys):
+    from phonekit.export.cli import main
+
+    # 576 = SmolLM2/MobileLLM-125M width: group 128 does not divide it.
+    rc = main(["export", "mobilellm-125m", "--random-weights", "--format", "pte", "--quant", "8da4w-g128",
+               "--context", "16", "--out", "/tmp/never-written-g128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not divide the input width 576" in err and "8da4w-g64" in err
+    assert not Path("/tmp/never-written-g128").exists()
+
+
+@pytest.mark.xdist_group("demo")
+def test_demo_pte_in_executorch_llm_runner(demo_pte_bundle, demo_lm):
+    """The same C++ runner the Android LlmModule and the iOS TextRunner wrap, with the bundle's tokenizer."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    bundle = demo_pte_bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    prompt_ids = demo_lm.tokenizer.encode_chat("What is the capital of France?")
+    prompt = demo_lm.tokenizer.decode(prompt_ids, skip_special=False)
+    runner = TextLLMRunner(str(bundle / "model.pte"), str(bundle / "tokenizer.json"))
+    pieces: list[str] = []
+    runner.generate(prompt, GenerationConfig(max_new_tokens=32, temperature=0.0, echo=False),
+                    token_callback=pieces.append)
+    text = "".join(pieces)
+    assert "Paris" in text
+    # Eager greedy of the same quantized model (the quant reference), same prompt.
+    plan = make_plan(demo_lm.model, parse_scheme(manifest["quantization"]["scheme"]), parse_embedding("none"), "pte")
+    ref_model = fake_quantize_model(copy.deepcopy(demo_lm.model), plan)
+    ref_lm = copy.copy(demo_lm)
+    ref_lm.model = ref_model
+    ref_ids = ref_lm.generate(prompt_ids, max_new_tokens=32)
+    ref_text = demo_lm.tokenizer.decode([t for t in ref_ids if t not in demo_lm.config.eos_token_id])
+    assert text.replace("<|im_end|>", "").strip() == ref_text.strip()
+
+
+@pytest.mark.xdist_group("demo")
+def test_demo_pte_logits_match_reference(demo_pte_bundle, demo_lm):
+    manifest = json.loads((demo_pte_bundle / "manifest.json").read_text())
+    plan = make_plan(demo_lm.model, parse_scheme(manifest["quantization"]["scheme"]), parse_embedding("none"), "pte")
+    ids = demo_lm.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    s = PteSession(demo_pte_bundle / "model.pte", manifest["context_length"])
+    got = s.forward(ids, 0)
+    ref = _reference_logits(demo_lm, plan, ids)[-1].numpy()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 1e-3, rel
+    assert int(np.argmax(got)) == int(np.argmax(ref))
