@@ -123,3 +123,22 @@ def tiny_mobilellm_ls() -> LanguageModel:
 @pytest.fixture
 def tiny_plm() -> LanguageModel:
     return make_tiny_lm("plm")
+
+
+DEMO_CONTEXT = 256
+
+
+def _export_demo(tmp_path_factory, fmt: str, quant: str) -> Path:
+    from phonekit.export.cli import main
+
+    out = tmp_path_factory.mktemp(f"demo-{fmt}") / "bundle"
+    rc = main(["export", "smollm2-135m-instruct", "--format", fmt, "--quant", quant,
+               "--context", str(DEMO_CONTEXT), "--out", str(out), "--quiet"])
+    assert rc == 0, f"demo {fmt} export failed"
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_pte_bundle(tmp_path_factory) -> Path:
+    """The demo model exported once per test session: .pte, 8da4w, context 256."""
+    return _export_demo(tmp_path_factory, "pte", "8da4w")
