@@ -1,0 +1,124 @@
+"""Benchmark: phonekit's 8da4w .pte against ExecuTorch's own export pipeline
+(``executorch.extension.llm.export.export_llm``, the ``smollm2`` model class) for
+the demo model, both run in ExecuTorch's C++ LLM runner (TextLLMRunner) on the same
+threads, in one run. Reports .pte size, prefill and decode tokens/s.
+
+    .venv/bin/python bench/pte_vs_executorch.py --context 512 --out out/bench
+
+Not a test: numbers depend on the machine. Results go to OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
+
+
+def meta_checkpoint(out: Path) -> tuple[Path, Path]:
+    """The demo's weights in ExecuTorch's llama_transformer names (HF RoPE layout)."""
+    from phonekit.export import load_model
+
+    lm = load_model("smollm2-135m-instruct")
+    a = lm.config
+    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    sd = {}
+    for k, v in lm.model.state_dict().items():
+        if k.startswith("caches.") or k.startswith("rope."):
+            continue
+        if k == "embed_tokens.weight":
+            sd["tok_embeddings.weight"] = v
+            sd["output.weight"] = v
+        elif k == "norm.weight":
+            sd["norm.weight"] = v
+        elif k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            mod, leaf = rest.rsplit(".", 1)
+            sd[f"layers.{i}.{names[mod]}.{leaf}"] = v
+    ckpt, params = out / "smollm2_meta.pth", out / "params.json"
+    torch.save(sd, ckpt)
+    params.write_text(json.dumps({
+        "dim": a.hidden_size, "hidden_dim": a.intermediate_size, "n_heads": a.num_attention_heads,
+        "n_kv_heads": a.num_key_value_heads, "n_layers": a.num_hidden_layers, "norm_eps": a.rms_norm_eps,
+        "rope_theta": a.rope_theta, "use_scaled_rope": False, "vocab_size": a.vocab_size, "use_hf_rope": True,
+        "attention_qkv_bias": False, "ffn_dim_multiplier": 1,
+    }))
+    return ckpt, params
+
+
+def export_executorch(out: Path, context: int) -> tuple[Path, float]:
+    ckpt, params = meta_checkpoint(out)
+    meta = json.dumps({"get_bos_id": 1, "get_eos_ids": [2]})
+    cmd = [sys.executable, "-m", "executorch.extension.llm.export.export_llm",
+           "base.model_class=smollm2", f"base.params={params}", f"base.checkpoint={ckpt}",
+           "model.use_kv_cache=True", "model.use_sdpa_with_kv_cache=True", "model.enable_dynamic_shape=True",
+           "backend.xnnpack.enabled=True", "backend.xnnpack.extended_ops=True",
+           "quantization.qmode=8da4w", "quantization.group_size=32",
+           f"export.max_seq_length={context}", f"export.max_context_length={context}",
+           f"+base.metadata='{meta}'", f"export.output_dir={out}", "export.output_name=executorch_smollm2.pte"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=out)
+    return out / "executorch_smollm2.pte", time.perf_counter() - t0
+
+
+def export_phonekit(out: Path, context: int) -> tuple[Path, float]:
+    bundle = out / "phonekit_bundle"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "phonekit.export.cli", "export", "smollm2-135m-instruct", "--format", "pte",
+                    "--quant", "8da4w", "--context", str(context), "--out", str(bundle), "--force", "--quiet"], check=True)
+    return bundle / "model.pte", time.perf_counter() - t0
+
+
+def run_runner(pte: Path, tokenizer: Path, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median prefill/decode tokens/s over ``repeats`` generations in TextLLMRunner."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    runner = TextLLMRunner(str(pte), str(tokenizer))
+    rows = []
+    for _ in range(repeats + 1):  # the first run warms up
+        stats = []
+        runner.reset()
+        runner.generate(PROMPT, GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, echo=False),
+                        stats_callback=stats.append)
+        s = stats[-1]
+        prefill_s = (s.prompt_eval_end_ms - s.inference_start_ms) / 1000
+        decode_s = (s.inference_end_ms - s.prompt_eval_end_ms) / 1000
+        rows.append((s.num_prompt_tokens / prefill_s, (s.num_generated_tokens - 1) / decode_s))
+    rows = sorted(rows[1:], key=lambda r: r[1])
+    mid = rows[len(rows) // 2]
+    return {"prefill_tok_s": round(mid[0], 1), "decode_tok_s": round(mid[1], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    ours, t_ours = export_phonekit(args.out, args.context)
+    theirs, t_theirs = export_executorch(args.out.absolute(), args.context)
+    tok = ours.parent / "tokenizer.json"
+    results = {"context": args.context, "threads": args.threads, "prompt": PROMPT, "new_tokens": args.new_tokens}
+    for name, pte, t in (("phonekit", ours, t_ours), ("executorch export_llm", theirs, t_theirs)):
+        results[name] = {"pte_bytes": pte.stat().st_size, "export_s": round(t, 1), **run_runner(pte, tok, args.new_tokens, args.repeats)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
