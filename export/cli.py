@@ -12,7 +12,7 @@ import sys
 from phonekit import __version__
 from phonekit.errors import PhonekitError
 
-VERBS = ["models", "generate", "export", "run", "check", "fit", "eval", "devices", "push", "bench"]
+VERBS = ["models", "generate", "export", "run", "check", "fit", "eval", "devices", "push"]
 
 
 def build_parser() -> argparse.ArgumentParser:

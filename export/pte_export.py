@@ -35,7 +35,56 @@ class LastTokenLogits(nn.Module):
         return self.model(tokens, input_pos, last_only=True)[:, -1, :]
 
 
-def runner_metadata(lm: Any, context: int) -> dict[str, Any]:
+class EtKVCache(nn.Module):
+    """One cache slot in the layout ExecuTorch's ``llama::update_cache`` writes: [B, max_len, H_kv, D]."""
+
+    def __init__(self, max_len: int, n_kv: int, head_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(1, max_len, n_kv, head_dim), persistent=False)
+        self.register_buffer("v", torch.zeros(1, max_len, n_kv, head_dim), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+
+class CustomSdpaAttention(nn.Module):
+    """MobileLLM attention on ExecuTorch's LLM ops: ``llama::update_cache`` writes the new
+    K/V in place and ``llama::custom_sdpa`` attends causally from ``start_pos`` (GQA-aware,
+    fp32, never materializing a [H, S, max_len] score tensor). Same math as the eager path."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x, cos, sin, input_pos, mask, cache):  # noqa: ANN001 - same signature as Attention
+        a = self.attn
+        bsz, seq, _ = x.shape
+        rope = a.rope[0]
+        q = rope(a.q_proj(x).view(bsz, seq, a.n_heads, a.head_dim), cos, sin)
+        k = rope(a.k_proj(x).view(bsz, seq, a.n_kv, a.head_dim), cos, sin)
+        v = a.v_proj(x).view(bsz, seq, a.n_kv, a.head_dim)
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + seq <= cache.max_len)
+        torch.ops.llama.update_cache(k, cache.k, start)
+        torch.ops.llama.update_cache(v, cache.v, start)
+        o = torch.ops.llama.custom_sdpa(q, cache.k, cache.v, start, None, 0, True)
+        return a.o_proj(o.reshape(bsz, seq, a.n_heads * a.head_dim))
+
+
+def use_custom_ops(model: nn.Module, context: int) -> None:
+    """Swap the MobileLLM attention/caches for ExecuTorch's LLM custom ops (in place)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - registers llama::* for export
+
+    args = model.args
+    for block in model.layers:
+        block.self_attn = CustomSdpaAttention(block.self_attn)
+    model.caches = nn.ModuleList(
+        EtKVCache(context, args.num_key_value_heads, args.head_dim) for _ in range(args.block_applications))
+
+
+def runner_metadata(lm: Any, context: int, fused: bool = False) -> dict[str, Any]:
     cfg = lm.config
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else (lm.tokenizer.bos_id if lm.tokenizer else None)
     meta: dict[str, Any] = {
@@ -44,7 +93,7 @@ def runner_metadata(lm: Any, context: int) -> dict[str, Any]:
         "get_vocab_size": cfg.vocab_size,
         "get_n_layers": cfg.block_applications,
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": fused,
         "enable_dynamic_shape": True,
         "get_eos_ids": list(cfg.eos_token_id),
     }
@@ -53,8 +102,13 @@ def runner_metadata(lm: Any, context: int) -> dict[str, Any]:
     return meta
 
 
-def prepare(lm: Any, plan: QuantPlan, context: int) -> nn.Module:
-    """A float32 copy of the model with a static cache of ``context`` slots, quantized per ``plan``."""
+def prepare(lm: Any, plan: QuantPlan, context: int, custom_ops: bool | None = None) -> nn.Module:
+    """A float32 copy of the model with a static cache of ``context`` slots, quantized per ``plan``.
+
+    ``custom_ops`` (default: on for the MobileLLM family) uses ExecuTorch's fused KV-cache
+    update and SDPA; PLM's MLA has different key and value widths, which ``custom_sdpa``
+    does not take, so it keeps the decomposed attention XNNPACK partially delegates.
+    """
     from phonekit.quant.torchao_apply import apply_plan
 
     model = copy.deepcopy(lm.model).float().eval()
@@ -62,6 +116,10 @@ def prepare(lm: Any, plan: QuantPlan, context: int) -> nn.Module:
     model.setup_caches(context, dtype=torch.float32)
     if not plan.scheme.is_float or plan.embedding is not None:
         apply_plan(model, plan)
+    if custom_ops is None:
+        custom_ops = lm.config.family == "mobilellm"
+    if custom_ops:
+        use_custom_ops(model, context)
     return model
 
 
@@ -105,18 +163,19 @@ def lower(ep: Any, metadata: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return et, delegation
 
 
-def export(lm: Any, plan: QuantPlan, context: int, root: Path, steps: Any) -> Artifact:
+def export(lm: Any, plan: QuantPlan, context: int, root: Path, steps: Any, custom_ops: bool | None = None) -> Artifact:
     from importlib.metadata import version
 
     with steps.step("quantize (torchao)"):
-        model = prepare(lm, plan, context)
+        model = prepare(lm, plan, context, custom_ops)
+        fused = isinstance(model.layers[0].self_attn, CustomSdpaAttention)
     with steps.step("torch.export"):
         try:
             ep = export_program(model, context)
         except Exception as e:  # torch.export raises many error types; report the first line
             raise ExportError(f"torch.export failed for {lm.model_id}: {str(e).splitlines()[0]}") from e
     with steps.step("lower to XNNPACK"):
-        et, delegation = lower(ep, runner_metadata(lm, context))
+        et, delegation = lower(ep, runner_metadata(lm, context, fused))
     with steps.step("serialize .pte"):
         (root / PTE_NAME).write_bytes(et.buffer)
     planned = [int(b) for b in et.executorch_program.execution_plan[0].non_const_buffer_sizes]
@@ -129,9 +188,11 @@ def export(lm: Any, plan: QuantPlan, context: int, root: Path, steps: Any) -> Ar
         details={
             "method": "forward(tokens[1,S] int64, input_pos[S] int64) -> logits[1,V] float32",
             "max_seq_len": context,
-            "kv_cache": "fp32 mutable buffers, one slot per block application",
+            "kv_cache": "fp32 mutable buffers, one slot per block application"
+            + (", [1, ctx, n_kv, head_dim] (llama::update_cache)" if fused else ""),
+            "attention": "llama::custom_sdpa (ExecuTorch LLM custom op)" if fused else "decomposed (matmul/softmax)",
             "memory_planned_bytes": sum(planned),
             "delegation": delegation,
-            "runner_metadata": runner_metadata(lm, context),
+            "runner_metadata": runner_metadata(lm, context, fused),
         },
     )
