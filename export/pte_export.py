@@ -111,7 +111,7 @@ def prepare(lm: Any, plan: QuantPlan, context: int, custom_ops: bool | None = No
     """
     from phonekit.quant.torchao_apply import apply_plan
 
-    model = copy.deepcopy(lm.model).float().eval()
+    model = (copy.deepcopy(lm.model) if lm.reusable else lm.model).float().eval()
     model.clear_caches()
     model.setup_caches(context, dtype=torch.float32)
     if not plan.scheme.is_float or plan.embedding is not None:
@@ -130,8 +130,9 @@ def export_program(model: nn.Module, context: int):  # noqa: ANN201 - torch Expo
     seq = Dim("seq_len", min=1, max=context)
     example = (torch.zeros(1, 3, dtype=torch.long), torch.arange(3))
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-        ep = export(LastTokenLogits(model), example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
-    return ep.run_decompositions({})
+        # No run_decompositions here: to_edge_transform_and_lower functionalizes and
+        # decomposes itself, and every extra retrace of a 30-layer graph costs minutes.
+        return export(LastTokenLogits(model), example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
 
 
 def lower(ep: Any, metadata: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

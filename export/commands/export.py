@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         root = writer.root
         first = plans[formats[0]]
         manifest = base_manifest(lm, context, first.summary(), root)
-        for fmt in formats:
+        for i, fmt in enumerate(formats):
+            lm.reusable = i < len(formats) - 1
             with steps.step(f"export {fmt} ({plans[fmt].scheme.name})"):
                 art = exporters[fmt](lm, plans[fmt], context, root, steps)
             art.details.setdefault("quantization", plans[fmt].summary())
