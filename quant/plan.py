@@ -69,8 +69,9 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None = None) -> QuantPlan:
     """``fmt`` matters for a tied head with a quantized embedding: XNNPACK (pte) runs
     quantized linears only with dynamic int8 activations, so there the head gets them."""
-    plan = QuantPlan(scheme, emb)
     tied = getattr(model.args, "tie_word_embeddings", True)
+    emb = emb.resolve(scheme, tied)
+    plan = QuantPlan(scheme, emb)
     plan.head_tied_to_embedding = tied
     if scheme.is_float:
         if emb.bits is not None:

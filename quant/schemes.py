@@ -81,21 +81,36 @@ def parse_scheme(text: str) -> Scheme:
 class EmbeddingScheme:
     bits: int | None  # None = float
     group_size: int | None  # None = per row
+    auto: bool = False  # resolved per model by ``resolve``
 
     @property
     def name(self) -> str:
+        if self.auto:
+            return "auto"
         return "none" if self.bits is None else f"{self.bits}w"
+
+    def resolve(self, scheme: Scheme, tied: bool) -> "EmbeddingScheme":
+        """``auto``: int8 per row when the weights are quantized and the head is tied.
+
+        The tied head reads the whole vocabulary every token; at 4 bits it costs a large
+        share of the quality loss (../shared/reference/quantization.md), at float it is the
+        largest tensor of a small model (stored twice in a .pte: embedding + XNNPACK head)."""
+        if not self.auto:
+            return self
+        return EmbeddingScheme(8, None) if (tied and not scheme.is_float) else EmbeddingScheme(None, None)
 
 
 def parse_embedding(text: str | None) -> EmbeddingScheme:
     t = (text or "none").strip().lower()
+    if t == "auto":
+        return EmbeddingScheme(None, None, auto=True)
     if t == "none":
         return EmbeddingScheme(None, None)
     if t == "8w":
         return EmbeddingScheme(8, None)
     if t == "4w":
         return EmbeddingScheme(4, DEFAULT_GROUP)
-    raise QuantError(f"--quant-embedding {text!r}: use none, 8w (int8 per row) or 4w (int4 groups of 32)")
+    raise QuantError(f"--quant-embedding {text!r}: use auto, none, 8w (int8 per row) or 4w (int4 groups of 32)")
 
 
 # What each format can run correctly. ExecuTorch/XNNPACK 1.5.1 delegates weight-only
@@ -116,10 +131,18 @@ _WHY = {
 }
 
 
+# Smallest int4 group each runtime takes: XNNPACK's blockwise kernels need multiples of 32,
+# ONNX Runtime's MatMulNBits blocks of at least 16.
+MIN_GROUP = {"pte": 32, "onnx": 16}
+
+
 def check_format(scheme: Scheme, fmt: str) -> None:
     allowed = FORMAT_SCHEMES.get(fmt)
     if allowed is None:
         raise QuantError(f"--format {fmt!r}: unknown format; use pte, onnx or coreml")
+    low = MIN_GROUP.get(fmt)
+    if scheme.group_size is not None and low is not None and scheme.group_size < low and scheme.base in allowed:
+        raise QuantError(f"--quant {scheme.name}: --format {fmt} needs int4 groups of at least {low}; use --quant {scheme.base}-g{low}")
     if scheme.base not in allowed:
         alt = _ALTERNATIVE.get((fmt, scheme.base), allowed[-1])
         if alt in ("w4", "8da4w") and scheme.group_size:

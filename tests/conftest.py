@@ -144,3 +144,13 @@ def _export_demo(tmp_path_factory, fmt: str, quant: str) -> Path:
 def demo_pte_bundle(tmp_path_factory) -> Path:
     """The demo model exported once per test session: .pte, 8da4w, context 256."""
     return _export_demo(tmp_path_factory, "pte", "8da4w")
+
+
+def plan_from_manifest(model, manifest: dict, fmt: str):
+    """The QuantPlan an artifact was exported with, rebuilt from its manifest."""
+    from phonekit.quant import make_plan, parse_embedding, parse_scheme
+
+    q = manifest["quantization"]
+    emb = q.get("embedding") or {}
+    bits = emb.get("bits")
+    return make_plan(model, parse_scheme(q["scheme"]), parse_embedding(f"{bits}w" if bits else "none"), fmt)

@@ -76,7 +76,8 @@ def test_run_streams_text_and_matches_eager(tiny_folder, tiny_bundle, capsys):
     from phonekit.quant.reference import fake_quantize_model
 
     lm = load_model(str(tiny_folder))
-    plan = make_plan(lm.model, parse_scheme("8da4w"), parse_embedding("none"), "pte")
+    plan = make_plan(lm.model, parse_scheme("8da4w"), parse_embedding("auto"), "pte")
+    assert plan.embedding is not None and plan.embedding.bits == 8
     lm.model = fake_quantize_model(copy.deepcopy(lm.model), plan)
     assert out["token_ids"] == lm.generate(lm.tokenizer.encode("hello phone"), 12)
 
@@ -98,6 +99,7 @@ def test_tampered_bundle_is_refused(tiny_bundle, tmp_path, capsys):
     (["--quant", "8da3w"], "unknown scheme"),
     (["--quant", "w4"], "not available for --format pte"),
     (["--quant", "8da4w-g48"], "power of two"),
+    (["--quant", "8da4w-g16"], "groups of at least 32; use --quant 8da4w-g32"),
     (["--context", "100000"], "over the model's maximum of 128"),
     (["--context", "1"], "at least 2"),
     (["--format", "coreml", "--quant", "8da4w"], "use --quant w4"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, plan_from_manifest
 
 from phonekit.export import pte_export
 from phonekit.export.progress import Steps
@@ -61,7 +61,7 @@ def test_fp32_pte_equals_eager(tmp_path, family, ls):
 
 
 @pytest.mark.parametrize("family,scheme,emb", [("mobilellm", "8da4w", "none"), ("plm", "8da8w", "8w"),
-                                                ("mobilellm", "8da4w-g16", "4w")])
+                                                ("mobilellm", "8da4w-g64", "4w")])
 def test_quantized_pte_matches_reference(tmp_path, family, scheme, emb):
     """The artifact computes the quant/ reference of its scheme: int8 per-token activations,
     int4 groups (bf16 scales, as XNNPACK stores them) or int8 channels, quantized embedding and tied head."""
@@ -80,13 +80,14 @@ def test_quantized_pte_matches_reference(tmp_path, family, scheme, emb):
 
 def test_layer_sharing_stores_shared_blocks_once(tmp_path):
     """-LS runs each block twice, but the .pte holds its weights once: same size within 1%."""
-    kw = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    # Wide enough that weights, not the per-application graph (~17 KB each), dominate the file.
+    kw = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4, head_dim=64)
     plain = make_tiny_lm("mobilellm", False, seed=1, **kw)
     ls = make_tiny_lm("mobilellm", True, seed=1, **kw)
     _export(plain, "8da4w", tmp_path / "plain")
     _export(ls, "8da4w", tmp_path / "ls")
     a, b = (tmp_path / "plain" / "model.pte").stat().st_size, (tmp_path / "ls" / "model.pte").stat().st_size
-    weights = 2 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 768) // 2  # int4 payload alone, 2 layers
+    weights = 2 * (768 * 768 * 2 + 768 * 256 * 2 + 3 * 768 * 2048) // 2  # int4 payload alone, 2 layers
     assert a > weights, "the file must hold the quantized weights"
     assert abs(b - a) / a < 0.01, (a, b)
 
@@ -118,7 +119,8 @@ def test_demo_pte_in_executorch_llm_runner(demo_pte_bundle, demo_lm):
     text = "".join(pieces)
     assert "Paris" in text
     # Eager greedy of the same quantized model (the quant reference), same prompt.
-    plan = make_plan(demo_lm.model, parse_scheme(manifest["quantization"]["scheme"]), parse_embedding("none"), "pte")
+    plan = plan_from_manifest(demo_lm.model, manifest, "pte")
+    assert plan.embedding is not None and plan.embedding.bits == 8  # the default: 8-bit tied embedding/head
     ref_model = fake_quantize_model(copy.deepcopy(demo_lm.model), plan)
     ref_lm = copy.copy(demo_lm)
     ref_lm.model = ref_model
@@ -130,7 +132,7 @@ def test_demo_pte_in_executorch_llm_runner(demo_pte_bundle, demo_lm):
 @pytest.mark.xdist_group("demo")
 def test_demo_pte_logits_match_reference(demo_pte_bundle, demo_lm):
     manifest = json.loads((demo_pte_bundle / "manifest.json").read_text())
-    plan = make_plan(demo_lm.model, parse_scheme(manifest["quantization"]["scheme"]), parse_embedding("none"), "pte")
+    plan = plan_from_manifest(demo_lm.model, manifest, "pte")
     ids = demo_lm.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
     s = PteSession(demo_pte_bundle / "model.pte", manifest["context_length"])
     got = s.forward(ids, 0)

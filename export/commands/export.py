@@ -17,8 +17,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="platform(s): android = .pte + .onnx, ios = .mlpackage + .pte, all = every format")
     p.add_argument("--format", action="append", choices=["pte", "onnx", "coreml"], help="explicit format(s), repeatable")
     p.add_argument("--quant", default="8da4w", help="scheme: fp32, fp16, w8, w4[-gN], 8da8w, 8da4w[-gN] (default 8da4w)")
-    p.add_argument("--quant-embedding", default="none", choices=["none", "8w", "4w"],
-                   help="embedding (and tied head) quantization (default none)")
+    p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
+                   help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
     p.add_argument("--context", type=int, default=None, help="KV-cache length = maximum tokens (default: min(model max, 2048))")
     p.add_argument("--device", action="append", default=[], metavar="PROFILE",
                    help="refuse the export when over budget on this device (repeatable; name, alias or .toml path)")
