@@ -106,11 +106,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--phonekit-bundle", type=Path, help="reuse a bundle from phonekit export (same --context) instead of exporting")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
-    ours, t_ours = export_phonekit(args.out, args.context)
+    if args.phonekit_bundle:
+        ours, t_ours = args.phonekit_bundle / "model.pte", float("nan")
+        ctx = json.loads((args.phonekit_bundle / "manifest.json").read_text())["context_length"]
+        if ctx != args.context:
+            raise SystemExit(f"--phonekit-bundle has context {ctx}, not --context {args.context}")
+    else:
+        ours, t_ours = export_phonekit(args.out, args.context)
     theirs, t_theirs = export_executorch(args.out.absolute(), args.context)
     tok = ours.parent / "tokenizer.json"
     results = {"context": args.context, "threads": args.threads, "prompt": PROMPT, "new_tokens": args.new_tokens}

@@ -37,12 +37,15 @@ from phonekit.quant.reference import WEIGHT_METHODS, fake_quantize_model_method
 from phonekit.quant.schemes import EmbeddingScheme, Scheme, parse_embedding, parse_scheme
 
 DEFAULT_CONTEXT = 512
-# 16 windows of 512: SmolLM2-135M's fp32 forward over 512 tokens takes 4-8 s on 2 cores,
-# so fp32 + one scheme is about 2-4 minutes, and 8k targets put the perplexity's
-# run-to-run standard error well under 1%.
+# 16 windows of 512. SmolLM2-135M's fp32 forward over 512 tokens measured 7.8 s on the
+# project's 2-core machine (shared with other jobs; 30-60 s when it was loaded 4-6x), so
+# fp32 + one scheme takes about 4 minutes there. Every scheme is scored on the same 8k
+# tokens, so differences between schemes are paired and far more stable than the
+# perplexity itself; --max-tokens trades time for precision.
 DEFAULT_MAX_TOKENS = 8192
 EVAL_TEXT = "eval_text.txt"
 BACKENDS = ("reference", "torchao")
+TORCHAO_METHODS = ("sym", "asym", "hqq")  # weight roundings torchao's quantize_ can express
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [S] -> logits [S, V]
 
@@ -287,8 +290,7 @@ def plan_for(model: nn.Module, variant: Variant) -> QuantPlan:
 @torch.no_grad()
 def quantized_model(model: nn.Module, variant: Variant, backend: str = "reference") -> tuple[nn.Module, QuantPlan]:
     """A quantized copy of ``model`` (``model`` is left as it is)."""
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    check_backend(variant, backend)
     m = detached_copy(model)
     plan = plan_for(m, variant)
     if variant.scheme.base == "fp16":
@@ -301,6 +303,14 @@ def quantized_model(model: nn.Module, variant: Variant, backend: str = "referenc
     return apply_torchao(m, plan, variant.method), plan
 
 
+def check_backend(variant: Variant, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "torchao" and variant.method not in TORCHAO_METHODS:
+        raise QuantError(f"--quant {variant.text}: weight method {variant.method!r} has no torchao counterpart; use "
+                         f"--backend reference (torchao offers {', '.join(TORCHAO_METHODS)})")
+
+
 def apply_torchao(model: nn.Module, plan: QuantPlan, method: str) -> nn.Module:
     """torchao's eager quantization (the tensor subclasses ExecuTorch lowers): ``sym`` and
     ``asym`` through the shared ``apply_plan``; ``hqq`` through torchao's
@@ -311,7 +321,7 @@ def apply_torchao(model: nn.Module, plan: QuantPlan, method: str) -> nn.Module:
         return apply_plan(model, plan)
     if method != "hqq":
         raise QuantError(f"weight method {method!r} has no torchao counterpart; use --backend reference "
-                         "(torchao offers sym, asym and hqq)")
+                         f"(torchao offers {', '.join(TORCHAO_METHODS)})")
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import IntxChooseQParamsAlgorithm

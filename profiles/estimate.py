@@ -1,0 +1,386 @@
+"""The memory estimate of one artifact, from the model config alone (nothing is exported).
+
+    total = weights as the backend stores them (quantized codes + scales, float tensors)
+          + embedding + a separate head matrix where the backend keeps one
+          + weight copies the runtime makes (repacking)
+          + KV cache (the backend's layout, at the bundle's context, one slot per block application)
+          + peak activations (prefill of the whole context) + logits
+          + tokenizer files + the runtime's own overhead (measured, see RUNTIME_OVERHEAD)
+
+Every backend-specific number is a field of ``Layout`` with its reason, so a change in
+an exporter is a one-line change here. The layouts follow what the exporters in
+``export/`` write (read them: pte_export, onnx_decoder/onnx_quant, coreml_export/coreml_quant)
+and what the runtimes were measured to hold on this machine (``profiles/measure.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any
+
+from phonekit.errors import UsageError
+
+FORMATS = ("pte", "onnx", "coreml")
+COMPONENTS = ("weights", "embedding", "head", "runtime_copies", "kv_cache", "activations", "logits", "tokenizer", "runtime")
+
+# A tokenizer file per vocabulary entry, for models whose tokenizer is not at hand
+# (presets built with --random-weights): SmolLM2's tokenizer.json is 2,104,556 bytes for
+# 49,152 entries (43 B/entry with its merges); Qwen-style 151k vocabularies are ~7 MB.
+TOKENIZER_BYTES_PER_ENTRY = 45
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one backend stores and runs a model. Sizes in bytes; "S" is the prefill length,
+    "T" the cache length (the context), "H" the attention heads."""
+
+    format: str
+    runtime: str
+    float_bytes: int  # a float weight as resident at run time
+    int4_scale_bytes: int  # the scale of one int4 group
+    int8_scale_bytes: int  # the scale of one int8 row (or block, see int8_blocked)
+    int8_blocked: bool  # int8 per-channel scales repeated per block of K (ONNX MatMulNBits)
+    per_row_extra_bytes: int  # per output channel of a quantized linear (column sums, packed bias)
+    tied_float_head_copy: bool  # a float tied head is a second fp32/fp16 matrix at run time
+    tied_quant_head_copy: bool  # a quantized tied head is a second quantized matrix (own codes + scales)
+    repack: tuple[tuple[int, float], ...]  # (bits, extra resident bytes per stored byte) the runtime's prepacking adds
+    load_transient_largest: bool  # while loading, the largest weight matrix is resident twice (stored + packed)
+    cache_bytes: int  # one cached value
+    cache_copies: float  # copies of the whole cache alive at the peak
+    act_bytes: int  # one activation value
+    score_buffers: float  # [H, S, T] attention-score buffers alive at the peak
+    shared_mask_buffers: float  # [S, T] additive masks built once and shared by all layers
+    model_mask: bool  # the backend runs phonekit's own mask, which PLM tiles per head ([H*S, T])
+    hidden_buffers: float  # [S, hidden] buffers alive at the peak
+    attn_buffers: float  # [S, H * head_dim] buffers alive at the peak
+    ffn_buffers: float  # [S, intermediate] buffers alive at the peak
+    runtime_overhead: int  # measured, see RUNTIME_OVERHEAD
+
+
+# Per-runtime overhead: what the runtime itself adds to a process (kernel code pages, thread
+# pools, allocator arenas, session state) beyond the model's own bytes. Measured here with
+# ``profiles/measure.py`` (x86-64 Linux, python 3.11, executorch 1.5.1, onnxruntime 1.32.0):
+# bundles of the tiny test model (tests/conftest.py make_tiny_lm: 2 layers, hidden 64, vocab
+# 320) at context 64, prompt 56 + 8 decode steps, peak RSS above the RSS after importing the
+# runtime, 3 runs each: pte 8.32 / 8.50 / 8.38 MB, onnx 16.61 / 16.38 / 16.41 MB; minus the
+# tiny model's own estimate (0.56 MB pte, 0.42 MB onnx). Core ML cannot run on Linux; its
+# figure is an assumption of the same order (the framework is part of iOS; the model adds its
+# compiled program and execution plan), to be replaced by a measurement on a device.
+RUNTIME_OVERHEAD = {
+    "pte": 7_850_000,
+    "onnx": 16_000_000,
+    "coreml": 16_000_000,
+}
+
+# ExecuTorch/XNNPACK (export/pte_export.py): fp32 program, torchao 8da4w/8da8w linears
+# delegated to XNNPACK (int4 codes 2 per byte with bf16 group scales, int8 with fp32 row
+# scales), the KV cache as fp32 mutable buffers, S dynamic up to the context and
+# memory-planned at that upper bound (so S = T = context in the plan).
+# Loading, measured on the demo model (8da4w, context 256): the program's constants (the
+# embedding) are mmapped with mlock, so fully resident; the planned arena is allocated at
+# load; each XNNPACK delegate packs its weights into its own memory and then frees the mapped
+# original, so the peak is at load, with the largest delegated matrix (the tied head, an fp32
+# [vocab, hidden] linear) resident twice: peak 443 MB = 7.8 runtime + 38.6 plan + 113
+# embedding + 113 packed head + 64 packed linears + 113 head original while it is packed.
+# Prefill added only ~13 MB (XNNPACK workspace, code pages).
+_PTE_COMMON = dict(
+    format="pte", runtime="executorch (XNNPACK)", float_bytes=4,
+    int4_scale_bytes=2, int8_scale_bytes=4, int8_blocked=False,
+    per_row_extra_bytes=4,  # packed GEMM weights carry an fp32 bias/sum per output channel
+    # The head is an XNNPACK linear with its own weight; the embedding stays a program constant.
+    tied_float_head_copy=True, tied_quant_head_copy=True,
+    repack=(), load_transient_largest=True,
+    cache_bytes=4, act_bytes=4, ffn_buffers=0.0,  # FFN intermediates stay inside XNNPACK delegates
+    runtime_overhead=RUNTIME_OVERHEAD["pte"],
+)
+
+# MobileLLM on ExecuTorch's LLM ops (llama::update_cache writes the cache in place,
+# llama::custom_sdpa never materializes scores). The memory plan, fitted to the byte (+64) on
+# four tiny shapes (layers, context, hidden vs attention width varied): the cache plus each
+# slot's new K/V outputs (another S x kv values per block application: 2 copies at S = T),
+# two [S, hidden] and five [S, H * head_dim] buffers.
+PTE_FUSED = Layout(**_PTE_COMMON, cache_copies=2.0, score_buffers=0.0, shared_mask_buffers=0.0, model_mask=False,
+                   hidden_buffers=2.0, attn_buffers=5.0)
+
+# PLM keeps the decomposed attention (custom_sdpa takes no MLA): index_copy_ is functionalized
+# (every slot's updated copy lives until the buffers are written back), two [H, S, T] score
+# buffers plus phonekit's mask, built once but tiled per head ([H*S, T]), and ~3 [S, hidden].
+# Fitted on tiny PLM at contexts 128 and 256: -1.3% and -0.2% of the real plan.
+PTE_DECOMPOSED = Layout(**_PTE_COMMON, cache_copies=2.0, score_buffers=2.0, shared_mask_buffers=1.0, model_mask=True,
+                        hidden_buffers=3.0, attn_buffers=0.0)
+
+# ONNX Runtime CPU (export/onnx_decoder.py, onnx_quant.py): MatMulNBits int4 (packed 2 per
+# byte, fp32 scale per block = group), int8 per-channel with the row scale repeated per block
+# of K, 8da8w as MatMulInteger (int8 [K, N] + fp32 scale + int32 column sum per channel);
+# fp16 is a storage format (cast to fp32 when the session loads); a quantized tied head is a
+# MatMulNBits on the embedding's initializer (stored once). The cache is fp32
+# past_key_values inputs and present outputs (past + new): both are alive during a call.
+# Measured on the demo model (SmolLM2-135M, 8da4w, context 512, profiles/measure.py):
+# - a float tied head is a Gemm(transB) on the embedding, and the session prepacks its B:
+#   a second fp32 matrix (RSS after load 373 MB with it vs 166 MB with an 8w embedding);
+# - 4-bit MatMulNBits weights are prepacked for MLAS next to the initializers: ~0.85 extra
+#   bytes per stored byte (166 MB after load = 16 runtime + 96 file + 57 for 66.5 MB of int4
+#   linears, with an 8w embedding);
+# - the 8-bit MatMulNBits head of that bundle is prepacked in some runs and not in others
+#   (identical runs load at 166 or 204 MB, bimodal, also with MALLOC_ARENA_MAX=1; at context
+#   256 the peaks are 205.7 or 244.8 MB): 8-bit weights take 0.9 extra bytes per stored byte,
+#   which puts the estimate (225 MB) midway between the two modes;
+# - prefill of 504 tokens adds 60 MB after load: the two cache copies (47 MB) + ~13 MB of
+#   workspace, hence one score buffer plus a few [S, hidden/FFN] ones. Its mask is its own,
+#   [S, T], shared by the layers.
+ONNX = Layout(
+    format="onnx", runtime="onnxruntime (CPU)", float_bytes=4,
+    int4_scale_bytes=4, int8_scale_bytes=4, int8_blocked=True,
+    per_row_extra_bytes=0,
+    tied_float_head_copy=True, tied_quant_head_copy=False,
+    repack=((4, 0.85), (8, 0.9)), load_transient_largest=False,
+    cache_bytes=4, cache_copies=2.0,
+    act_bytes=4,
+    score_buffers=1.0, shared_mask_buffers=1.0, model_mask=False,
+    hidden_buffers=2.0, attn_buffers=0.0, ffn_buffers=1.0,
+    runtime_overhead=RUNTIME_OVERHEAD["onnx"],
+)
+
+# Core ML (export/coreml_export.py, coreml_model.py, coreml_quant.py): fp16 weights and
+# compute (fp32 for --quant fp32), w8/w4 as constexpr_blockwise_shift_scale with fp16 scales,
+# one fp16 state pair per block application sized to the context (Core ML states are fp16
+# only), the tied head reading the embedding's constant, phonekit's own attention (scores,
+# mask built once; PLM's tiled per head). Not measurable on Linux: the activation terms are
+# the ONNX ones doubled for the score buffers (no fused attention assumed), in fp16.
+COREML = Layout(
+    format="coreml", runtime="Core ML", float_bytes=2,
+    int4_scale_bytes=2, int8_scale_bytes=2, int8_blocked=False,
+    per_row_extra_bytes=0,
+    tied_float_head_copy=False, tied_quant_head_copy=False,
+    repack=(), load_transient_largest=False,
+    cache_bytes=2, cache_copies=1.0,
+    act_bytes=2,
+    score_buffers=2.0, shared_mask_buffers=1.0, model_mask=True,
+    hidden_buffers=4.0, attn_buffers=0.0, ffn_buffers=2.0,
+    runtime_overhead=RUNTIME_OVERHEAD["coreml"],
+)
+
+LAYOUTS = {"pte": PTE_FUSED, "onnx": ONNX, "coreml": COREML}
+
+
+def layout_for(fmt: str, scheme_base: str = "fp32", family: str = "mobilellm") -> Layout:
+    """The layout of ``fmt`` for a scheme and model family (ExecuTorch runs PLM's attention
+    decomposed; Core ML runs --quant fp32 in fp32)."""
+    if fmt not in LAYOUTS:
+        raise UsageError(f"--format {fmt!r}: unknown; use pte, onnx or coreml")
+    if fmt == "pte":
+        return PTE_DECOMPOSED if family == "plm" else PTE_FUSED
+    lay = LAYOUTS[fmt]
+    if fmt == "coreml" and scheme_base == "fp32":
+        lay = replace(lay, float_bytes=4, act_bytes=4)
+    return lay
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's tensors, from the config (a meta-device model: names and shapes, no memory)
+
+
+@dataclass(frozen=True)
+class Tensor2D:
+    name: str  # module name (``layers.0.self_attn.q_proj``) or parameter name for vectors
+    rows: int
+    cols: int  # 1 for vectors (norm weights)
+
+
+@lru_cache(maxsize=64)
+def _inventory(family: str, config_json: str) -> tuple[Tensor2D, ...]:
+    import torch
+
+    from phonekit.export.models import FAMILIES, build_model
+
+    args = FAMILIES[family].ModelArgs(**json.loads(config_json))
+    with torch.device("meta"):
+        model = build_model(args)
+    out = []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:  # a tied head is the embedding's parameter
+            continue
+        seen.add(id(p))
+        mod = name.rsplit(".", 1)[0]
+        if p.dim() == 2:
+            out.append(Tensor2D(mod, int(p.shape[0]), int(p.shape[1])))
+        else:
+            out.append(Tensor2D(name, int(p.numel()), 1))
+    return tuple(out)
+
+
+def inventory(config: Any) -> tuple[Tensor2D, ...]:
+    """Every stored tensor once (-LS blocks once, a tied head not at all)."""
+    d = config.as_dict()
+    return _inventory(config.family, json.dumps(d, sort_keys=True, default=list))
+
+
+def kv_values_per_token(config: Any, mla_cache: str = "latent") -> int:
+    """Cached values per token per block application.
+
+    GQA: K and V, ``2 * kv_heads * head_dim``. PLM's MLA with the compressed latent (what
+    phonekit's models cache): ``kv_lora_rank + qk_rope_head_dim`` (576 at 1.8B); a
+    decompressed cache (llama.cpp's PLM graph) holds full per-head K and V:
+    ``heads * (qk_nope + qk_rope + v_head)`` (5,120 at 1.8B).
+    """
+    if config.family == "plm":
+        if mla_cache == "latent":
+            return config.kv_lora_rank + config.qk_rope_head_dim
+        if mla_cache == "decompressed":
+            return config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+        raise ValueError(f"mla_cache {mla_cache!r}: use latent or decompressed")
+    return 2 * config.num_key_value_heads * config.head_dim
+
+
+def kv_cache_bytes(config: Any, context: int, value_bytes: int, mla_cache: str = "latent") -> int:
+    """One slot per block application (2x the stored depth for -LS models), ``context`` tokens each."""
+    return context * config.block_applications * kv_values_per_token(config, mla_cache) * value_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class Estimate:
+    format: str
+    context: int
+    prefill: int  # tokens in the largest forward call the estimate assumes
+    components: dict[str, int]
+    layout: Layout
+    notes: list[str] = field(default_factory=list)
+    exact: dict[str, str] = field(default_factory=dict)  # component -> where an exact number came from
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "context": self.context, "prefill": self.prefill,
+                "total_bytes": self.total, "components": dict(self.components),
+                "exact": dict(self.exact), "notes": list(self.notes)}
+
+
+def _quant_bytes(rows: int, cols: int, bits: int, group: int | None, asymmetric: bool, lay: Layout) -> int:
+    """One quantized matrix as stored: codes, scales (+ int8 zero points), per-row extras."""
+    codes = rows * cols * bits // 8
+    if group:
+        n_scales, scale_bytes = rows * (cols // group), (lay.int4_scale_bytes if bits == 4 else lay.int8_scale_bytes)
+    elif lay.int8_blocked:
+        block = next((b for b in (256, 128, 64, 32, 16) if cols % b == 0), 32)
+        n_scales, scale_bytes = rows * -(-cols // block), lay.int8_scale_bytes
+    else:
+        n_scales, scale_bytes = rows, (lay.int4_scale_bytes if bits == 4 else lay.int8_scale_bytes)
+    zeros = n_scales if asymmetric else 0
+    return codes + n_scales * scale_bytes + zeros + rows * lay.per_row_extra_bytes
+
+
+def weight_components(config: Any, plan: Any, lay: Layout) -> dict[str, int]:
+    """weights, embedding, head and runtime_copies for ``plan`` on layout ``lay``."""
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    repack = dict(lay.repack)
+    weights = embedding = head = largest = 0
+    copies = 0.0
+    for t in inventory(config):
+        if t.name == "embed_tokens":
+            emb = plan.embedding
+            if emb is None:
+                embedding = t.rows * t.cols * lay.float_bytes
+                if tied and lay.tied_float_head_copy:
+                    head = t.rows * t.cols * lay.float_bytes
+            else:
+                embedding = _quant_bytes(t.rows, t.cols, emb.bits, emb.group_size, emb.asymmetric,
+                                         replace(lay, per_row_extra_bytes=0))
+                if tied and lay.tied_quant_head_copy:
+                    head = _quant_bytes(t.rows, t.cols, emb.bits, emb.group_size, emb.asymmetric, lay)
+                elif tied:  # the head multiplies by the embedding's own codes; the runtime may prepack them
+                    copies += repack.get(emb.bits, 0.0) * embedding
+            continue
+        lp = plan.linears.get(t.name)
+        if lp is None:
+            b = t.rows * t.cols * lay.float_bytes
+        else:
+            b = _quant_bytes(t.rows, t.cols, lp.bits, lp.group_size, lp.asymmetric, lay)
+            copies += repack.get(lp.bits, 0.0) * b
+            largest = max(largest, b)
+        if t.name == "lm_head":
+            head = b
+        else:
+            weights += b
+    if lay.load_transient_largest:
+        copies += max(head, largest)
+    return {"weights": weights, "embedding": embedding, "head": head, "runtime_copies": int(copies)}
+
+
+def activation_bytes(config: Any, prefill: int, context: int, lay: Layout) -> int:
+    """Peak workspace of one prefill call of ``prefill`` tokens against a ``context``-long cache."""
+    s, t = prefill, context
+    heads = config.num_attention_heads
+    attn_width = heads * (config.v_head_dim if config.family == "plm" else config.head_dim)
+    mask_rows = s * (heads if lay.model_mask and config.family == "plm" else 1)
+    values = (lay.score_buffers * heads * s * t
+              + lay.shared_mask_buffers * mask_rows * t
+              + lay.hidden_buffers * s * config.hidden_size
+              + lay.attn_buffers * s * attn_width
+              + lay.ffn_buffers * s * config.intermediate_size)
+    return int(values * lay.act_bytes)
+
+
+def logits_bytes(config: Any) -> int:
+    """Every exporter returns the last position's logits only (fp32 [1, vocab]); the head's
+    output and the returned copy are both alive once."""
+    return 2 * config.vocab_size * 4
+
+
+class Estimator:
+    """The estimate of one (model, plan, format) at any context: the weights part is
+    computed once, so searching for the largest context that fits is cheap."""
+
+    def __init__(self, config: Any, plan: Any, fmt: str, *, tokenizer_bytes: int | None = None,
+                 layout: Layout | None = None, mla_cache: str = "latent") -> None:
+        self.config, self.plan, self.fmt, self.mla_cache = config, plan, fmt, mla_cache
+        self.layout = layout or layout_for(fmt, plan.scheme.base, config.family)
+        self.fixed = weight_components(config, plan, self.layout)
+        self.fixed["logits"] = logits_bytes(config)
+        self.fixed["runtime"] = self.layout.runtime_overhead
+        self.notes: list[str] = []
+        if tokenizer_bytes is None:
+            tokenizer_bytes = config.vocab_size * TOKENIZER_BYTES_PER_ENTRY
+            self.notes.append(f"tokenizer size assumed ({TOKENIZER_BYTES_PER_ENTRY} B per vocabulary entry): no tokenizer files at hand")
+        self.fixed["tokenizer"] = int(tokenizer_bytes)
+        if getattr(config, "layer_sharing", False):
+            self.notes.append(f"layer sharing: weights of {config.num_hidden_layers} blocks, "
+                              f"KV cache of {config.block_applications} block applications")
+
+    def _varying(self, context: int, prefill: int) -> dict[str, int]:
+        lay = self.layout
+        return {"kv_cache": int(kv_cache_bytes(self.config, context, lay.cache_bytes, self.mla_cache) * lay.cache_copies),
+                "activations": activation_bytes(self.config, prefill, context, lay)}
+
+    def total(self, context: int, prefill: int | None = None) -> int:
+        return sum(self.fixed.values()) + sum(self._varying(context, context if prefill is None else prefill).values())
+
+    def at(self, context: int, prefill: int | None = None) -> Estimate:
+        if context < 1:
+            raise UsageError(f"--context {context}: must be at least 1")
+        prefill = context if prefill is None else max(1, min(prefill, context))
+        comps = dict.fromkeys(COMPONENTS, 0)
+        comps.update(self.fixed)
+        comps.update(self._varying(context, prefill))
+        notes = list(self.notes)
+        if self.config.family == "plm" and self.mla_cache == "latent":
+            dec = kv_cache_bytes(self.config, context, self.layout.cache_bytes, "decompressed")
+            notes.append(f"MLA latent cache: {kv_values_per_token(self.config)} values/token/layer; a decompressed "
+                         f"cache (llama.cpp's PLM graph) would hold {dec / 1e6:,.0f} MB")
+        return Estimate(self.fmt, context, prefill, comps, self.layout, notes)
+
+
+def estimate(config: Any, plan: Any, context: int, fmt: str, *, prefill: int | None = None,
+             tokenizer_bytes: int | None = None, layout: Layout | None = None, mla_cache: str = "latent") -> Estimate:
+    """The estimate of one artifact. ``prefill`` defaults to the context (a prompt that fills
+    it, and what ExecuTorch's memory plan reserves anyway); ``tokenizer_bytes`` defaults to a
+    per-entry figure when the tokenizer files are not at hand."""
+    return Estimator(config, plan, fmt, tokenizer_bytes=tokenizer_bytes, layout=layout, mla_cache=mla_cache).at(context, prefill)

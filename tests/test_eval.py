@@ -1,0 +1,371 @@
+"""phonekit eval: perplexity / top-1 agreement against fp32, the shipped evaluation text,
+the weight-rounding variants of quant/reference.py, the sensitivity report and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_lm, write_hf_checkpoint
+from phonekit.errors import QuantError, UsageError
+from phonekit.export.cli import main
+from phonekit.quant import make_plan, parse_embedding, parse_scheme
+from phonekit.quant import reference as R
+from phonekit.quant.evaluate import (FloatReference, compare, default_text_path, detached_copy, evaluate_fn,
+                                     evaluate_variant, make_windows, model_logits_fn, parse_variant, perplexity,
+                                     quantized_model, read_text, tokenize)
+from phonekit.quant.plan import LinearPlan, QuantPlan
+from phonekit.quant.sensitivity import BlockInputs, forward_from, sensitivity, targets
+
+DATA = Path(default_text_path()).parent
+
+
+def _random_windows(n_tokens: int = 45, context: int = 16, bos: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 320, (n_tokens,), generator=g).tolist()
+    return ids, make_windows(ids, context, None, bos)
+
+
+# --- windows and perplexity ----------------------------------------------------------------
+
+def test_windows_cover_the_text_without_overlap():
+    ids = list(range(100, 150))  # 50 tokens
+    w = make_windows(ids, 16, None)
+    assert [x.numel() for x in w.inputs] == [16, 16, 16, 2]
+    assert torch.cat(w.inputs).tolist() == ids
+    assert [t.tolist() for t in w.targets] == [x[1:].tolist() for x in w.inputs]
+    assert w.num_targets == 50 - 4 and w.text_tokens == 50 and not w.bos
+    capped = make_windows(ids, 16, 33)
+    assert [x.numel() for x in capped.inputs] == [16, 16]  # the 1-token tail has nothing to predict
+    assert capped.text_tokens == 33 and capped.total_text_tokens == 50
+    b = make_windows(ids, 16, None, bos_id=1)  # BOS in front of every window, every text token a target
+    assert all(x[0] == 1 and x.numel() <= 16 for x in b.inputs)
+    assert torch.cat(b.targets).tolist() == ids and b.num_targets == 50
+    with pytest.raises(UsageError, match="at least 2"):
+        make_windows([5], 16, None)
+    with pytest.raises(UsageError, match="--context 1"):
+        make_windows(ids, 1, None)
+
+
+@pytest.mark.parametrize("bos", [None, 1])
+def test_perplexity_matches_a_naive_prefix_by_prefix_computation(bos):
+    lm = make_tiny_lm("mobilellm", seed=3)
+    ids, w = _random_windows(45, 16, bos)
+    ref = FloatReference(model_logits_fn(lm.model), w)
+    # Independent oracle: every target scored by its own forward over just its prefix
+    # (so causal masking and window handling are checked too), summed in Python floats.
+    total, count = 0.0, 0
+    for x, t in zip(w.inputs, w.targets):
+        first = x.numel() - t.numel()  # position of the first prefix that predicts a target
+        for j, target in enumerate(t.tolist()):
+            prefix = x[: first + j]
+            logits = lm.logits(prefix[None])[0, -1].double()
+            total -= float(logits.log_softmax(-1)[target])
+            count += 1
+    assert count == w.num_targets
+    assert ref.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_fp32_against_itself_agrees_fully_and_changes_nothing():
+    lm = make_tiny_lm("mobilellm", seed=1)
+    _, w = _random_windows(64, 16)
+    ref = FloatReference(model_logits_fn(lm.model), w)
+    c = compare(ref.scores(), ref)
+    assert c.top1_agreement == 1.0 and c.ppl_change == 0.0 and c.targets == w.num_targets
+    r = evaluate_variant(lm.model, parse_variant("fp32"), ref)  # through a copy of the model
+    assert r.comparison.top1_agreement == 1.0 and r.comparison.ppl_change == 0.0
+
+
+def test_quantization_lowers_agreement_and_more_bits_cost_less():
+    lm = make_tiny_lm("mobilellm", seed=2)
+    _, w = _random_windows(160, 32)
+    ref = FloatReference(model_logits_fn(lm.model), w)
+    w8 = evaluate_variant(lm.model, parse_variant("w8"), ref).comparison
+    w4 = evaluate_variant(lm.model, parse_variant("8da4w:emb=4w"), ref).comparison
+    assert w4.top1_agreement < 1.0 and w4.perplexity != ref.perplexity
+    assert w8.top1_agreement > w4.top1_agreement
+    assert abs(w8.ppl_change) < abs(w4.ppl_change)
+    # The original model is untouched by the evaluation copies.
+    assert compare(FloatReference(model_logits_fn(lm.model), w).scores(), ref).top1_agreement == 1.0
+
+
+def test_reference_subset_reuses_the_cached_fp32_scores():
+    lm = make_tiny_lm("mobilellm")
+    _, w = _random_windows(100, 16)
+    ref = FloatReference(model_logits_fn(lm.model), w)
+    scores = ref.scores()
+    calls = []
+    ref.fn = lambda ids: calls.append(ids) or (_ for _ in ()).throw(AssertionError("recomputed"))
+    sub = ref.subset(40)
+    assert len(sub.windows.inputs) == 3 and sub.scores().nll[0] is scores.nll[0] and not calls
+    assert ref.scores() is scores
+    assert ref.subset(10_000) is ref
+
+
+# --- variants ------------------------------------------------------------------------------
+
+def test_parse_variant_options_and_errors():
+    v = parse_variant("8da4w-g64:affine,emb=8w")
+    assert (v.scheme.name, v.method, v.embedding.name, v.label) == ("8da4w-g64", "affine", "8w", "8da4w-g64:affine,emb=8w")
+    assert parse_variant("8da8w", "4w").embedding.name == "4w"
+    assert parse_variant("8da4w").label == "8da4w-g32"
+    with pytest.raises(QuantError, match="unknown option 'fancy'"):
+        parse_variant("8da4w:fancy")
+    with pytest.raises(QuantError, match="unknown scheme"):
+        parse_variant("int3")
+    with pytest.raises(QuantError, match="has none"):
+        parse_variant("fp32:affine")
+
+
+def _q41_grid(rows: int = 48, groups: int = 6, seed: int = 0) -> torch.Tensor:
+    """Weights exactly on a GGUF Q4_1 grid: each group of 32 is d * q + m, q in 0..15."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(rows, groups, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (torch.rand(rows, groups, 1, generator=g) * 0.06 - 0.05).half().float()
+    q = torch.randint(0, 16, (rows, groups, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the full code range, as a Q4_1 quantizer leaves it
+    return (d * q + m).reshape(rows, groups * 32)
+
+
+def test_affine_int4_reproduces_a_q4_1_grid_and_integer_zero_points_do_not():
+    w = _q41_grid()
+    for method in ("affine", "affine-search"):
+        assert (R.fake_quant_weight_method(w, 4, 32, method) - w).abs().max() < 1e-6, method
+    # torchao-style zero points are integers and keep 0 in range: they cannot hold the float offset m.
+    for method in ("sym", "asym", "hqq", "sym-search"):
+        assert (R.fake_quant_weight_method(w, 4, 32, method) - w).abs().max() > 1e-4, method
+
+
+def test_weight_variants_are_consistent_and_search_never_loses_to_min_max():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    w[3, :32] += 0.4  # an outlier group
+    gw = w.reshape(64, 4, 32)
+
+    def err(x):
+        return ((x - w).reshape(64, 4, 32) ** 2).sum(-1)
+
+    q, s = R.quantize_symmetric_search(w, 4, 32)
+    assert q.min() >= -8 and q.max() <= 7 and s.shape == (64, 4)
+    assert torch.equal(R.dequantize(q, s), R.fake_quant_weight_method(w, 4, 32, "sym-search"))
+    assert (err(R.dequantize(q, s)) <= err(R.fake_quant_weight(w, 4, 32)) + 1e-9).all()
+    q, s, z = R.quantize_affine_search(w, 4, 32)
+    assert q.min() >= -8 and q.max() <= 7 and z.dtype == torch.float32
+    assert (err(R.dequantize(q, s, z)) <= err(R.fake_quant_weight_method(w, 4, 32, "affine")) + 1e-9).all()
+    # Over the whole matrix, the error-minimizing choices beat plain symmetric min/max clearly.
+    base = err(R.fake_quant_weight(w, 4, 32)).sum()
+    assert err(R.dequantize(q, s, z)).sum() < 0.8 * base
+    q, s, z = R.quantize_affine(w, 4, 32)
+    assert (q[:, :32].amin(1) == -8).all() and (q[:, :32].amax(1) == 7).all()  # min and max are the end codes
+    assert gw.shape == (64, 4, 32)
+    with pytest.raises(ValueError, match="unknown weight method"):
+        R.fake_quant_weight_method(w, 4, 32, "magic")
+
+
+def test_hqq_reference_matches_torchao_code_for_code():
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+
+    w = torch.randn(96, 192, generator=torch.Generator().manual_seed(4)) * 0.02
+    for bits, (qmin, qmax) in ((4, (-8, 7)), (8, (-128, 127))):
+        qt, st = _choose_qparams_and_quantize_scale_only_hqq(w, [1, 32], qmin, qmax)
+        q, s = R.quantize_symmetric_hqq(w, bits, 32)
+        assert torch.equal(qt.to(torch.int8), q) and torch.equal(st, s)
+
+
+def test_method_sym_is_the_schemes_own_reference():
+    lm = make_tiny_lm("mobilellm", seed=5)
+    plan = make_plan(lm.model, parse_scheme("8da4w"), parse_embedding("4w"))
+    a = R.fake_quantize_model(detached_copy(lm.model), plan)
+    b = R.fake_quantize_model_method(detached_copy(lm.model), plan, "sym")
+    x = torch.randint(3, 320, (1, 12))
+    assert torch.equal(model_logits_fn(a)(x[0]), model_logits_fn(b)(x[0]))
+
+
+@pytest.mark.parametrize("variant", ["8da4w", "8da8w:emb=8w", "w4:asym", "8da4w:hqq"])
+def test_torchao_backend_matches_the_reference(variant):
+    lm = make_tiny_lm("mobilellm", seed=6)
+    v = parse_variant(variant)
+    ref_model, _ = quantized_model(lm.model, v, "reference")
+    tao_model, _ = quantized_model(lm.model, v, "torchao")
+    x = torch.randint(3, 320, (24,), generator=torch.Generator().manual_seed(0))
+    a, b = model_logits_fn(ref_model)(x), model_logits_fn(tao_model)(x)
+    assert (a - b).abs().max() / a.abs().max() < 1e-3, variant
+    with pytest.raises(QuantError, match="no torchao counterpart"):
+        quantized_model(lm.model, parse_variant("8da4w:affine"), "torchao")
+
+
+# --- sensitivity ---------------------------------------------------------------------------
+
+def _plan4(model, group: int = 32) -> tuple[QuantPlan, LinearPlan]:
+    plan = make_plan(model, parse_scheme(f"8da4w-g{group}"), parse_embedding("none"))
+    return plan, next(iter(plan.linears.values()))
+
+
+@pytest.mark.parametrize("family,ls", [("mobilellm", False), ("mobilellm", True), ("plm", False)])
+def test_forward_from_a_cached_block_input_equals_the_full_forward(family, ls):
+    lm = make_tiny_lm(family, layer_sharing=ls, seed=7)
+    _, w = _random_windows(40, 20)
+    ref = FloatReference(model_logits_fn(lm.model), w)
+    inputs = BlockInputs(lm.model, ref)
+    x = w.inputs[1]
+    full = model_logits_fn(lm.model)(x)
+    for start in range(len(lm.model.layers)):
+        part = forward_from(lm.model, x, start, inputs.states[1][start] if start else None)
+        torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+    assert len(lm.model.layers) == lm.config.num_hidden_layers  # restored
+
+
+def test_sensitivity_targets_by_granularity():
+    lm = make_tiny_lm("mobilellm")
+    plan, _ = _plan4(lm.model)
+    assert len(targets(plan, lm.model, "linear")) == 2 * 7 + 1
+    by_type = targets(plan, lm.model, "type")
+    assert len(by_type) == 7 + 1 and by_type["down_proj (all blocks)"] == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+    assert targets(plan, lm.model, "block")["embed_tokens+lm_head (tied)"] == ["embed_tokens", "lm_head"]
+    plm = make_tiny_lm("plm")
+    pplan, _ = _plan4(plm.model, 16)
+    assert not any("kv_b_proj" in n for names in targets(pplan, plm.model, "linear").values() for n in names)
+
+
+def test_sensitivity_rows_equal_quantizing_that_target_alone():
+    lm = make_tiny_lm("mobilellm", seed=8)
+    _, w = _random_windows(96, 32)
+    ref = FloatReference(model_logits_fn(lm.model), w)
+    plan, lp = _plan4(lm.model)
+    before = {n: id(m) for n, m in lm.model.named_modules()}
+    rows = sensitivity(lm.model, plan, ref, lp, "sym", "block")
+    assert {n: id(m) for n, m in lm.model.named_modules()} == before  # every module put back
+    assert [r.comparison.ppl_change for r in rows] == sorted((r.comparison.ppl_change for r in rows), reverse=True)
+    by_target = {r.target: r for r in rows}
+    # Oracle: a full-forward evaluation of a copy where only block 1's linears are quantized.
+    only = QuantPlan(plan.scheme, plan.embedding_scheme,
+                     linears={n: lp for n in plan.linears if n.startswith("layers.1.")})
+    oracle = evaluate_fn(model_logits_fn(R.fake_quantize_model(detached_copy(lm.model), only)), ref)
+    assert by_target["layers.1"].comparison.perplexity == pytest.approx(oracle.perplexity, rel=1e-5)
+    assert by_target["layers.1"].comparison.top1_agreement == oracle.top1_agreement
+    # The tied embedding/head target quantizes the shared matrix once, read by both ends.
+    emb_only = QuantPlan(plan.scheme, plan.embedding_scheme, embedding=LinearPlan(4, 32), head_dynamic_act=True)
+    oracle = evaluate_fn(model_logits_fn(R.fake_quantize_model(detached_copy(lm.model), emb_only)), ref)
+    assert by_target["embed_tokens+lm_head (tied)"].comparison.perplexity == pytest.approx(oracle.perplexity, rel=1e-5)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return write_hf_checkpoint(make_tiny_lm("mobilellm", seed=9), tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "t.txt"
+    p.write_text(read_text(None)[0][:600], encoding="utf-8")
+    return p
+
+
+def test_cli_json_fields(tiny_ckpt, text_file, capsys):
+    rc = main(["eval", str(tiny_ckpt), "--quant", "8da8w", "w4:affine,emb=8w", "--text", str(text_file),
+               "--context", "65", "--max-tokens", "256", "--sensitivity", "block", "--sensitivity-tokens", "128",
+               "--json", "--quiet"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    # The tiny tokenizer adds BOS: each window is BOS + 64 text tokens, every text token a target.
+    assert out["context"] == 65 and out["windows"] == 4 and out["targets"] == 256 and out["bos_per_window"]
+    assert out["text"]["tokens_used"] == 256 and out["text"]["path"] == str(text_file)
+    assert out["text"]["sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
+    assert [r["variant"] for r in out["results"]] == ["8da8w", "w4-g32:affine,emb=8w"]
+    for r in out["results"]:
+        assert 0.0 <= r["top1_agreement"] <= 1.0 and r["targets"] == out["targets"]
+        assert r["ppl_change"] == pytest.approx(r["perplexity"] / out["fp32"]["perplexity"] - 1, abs=1e-5)
+        assert r["plan"]["quantized_linears"] == 14
+    # Same numbers as the API on the same tokens.
+    lm = make_tiny_lm("mobilellm", seed=9)
+    w = tokenize(lm.tokenizer, text_file.read_text(), 65, 256)
+    assert out["fp32"]["perplexity"] == pytest.approx(perplexity(FloatReference(model_logits_fn(lm.model), w).scores().nll), rel=1e-5)
+    s = out["sensitivity"]
+    assert s["granularity"] == "block" and s["tokens_used"] == 128 and len(s["rows"]) == 3
+    assert s["quant"] == {"bits": 4, "group_size": 32, "dynamic_act": False, "weights": "affine"}
+
+
+def test_cli_table(tiny_ckpt, text_file, capsys):
+    assert main(["eval", str(tiny_ckpt), "--quant", "8da4w", "--text", str(text_file), "--context", "64",
+                 "--max-tokens", "128", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "8da4w-g32" in out and "perplexity" in out and "top-1 agreement" in out and "fp32" in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--quant", "int3"], r"--quant 'int3': unknown scheme"),
+    (["--quant", "8da4w:fancy"], r"unknown option 'fancy'"),
+    (["--text", "/nonexistent/eval.txt"], r"--text /nonexistent/eval.txt: no such file"),
+    (["--context", "1"], r"--context 1: must be at least 2"),
+    (["--max-tokens", "0"], r"--max-tokens 0: must be at least 2"),
+    (["--quant", "8da4w:sym-search", "--backend", "torchao"], r"no torchao counterpart"),
+])
+def test_cli_bad_arguments_fail_before_loading_the_model(argv, msg, capsys):
+    # The model path does not exist either: the argument error must come first.
+    rc = main(["eval", "/nonexistent/model", *argv])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (other verbs' imports may log warnings before it)
+    assert rc == 2 and last.startswith("phonekit eval: error: ") and re.search(msg, last) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--context", "4096"], r"--context 4096: over the model's maximum of 128"),
+    (["--quant", "8da4w-g128"], r"group size 128 does not divide"),
+])
+def test_cli_errors_that_need_the_model(tiny_ckpt, text_file, argv, msg, capsys):
+    rc = main(["eval", str(tiny_ckpt), "--text", str(text_file), "--context", "64", "--max-tokens", "64", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(msg, err), err
+
+
+def test_cli_empty_text(tiny_ckpt, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["eval", str(tiny_ckpt), "--text", str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+# --- the shipped text and the demo model ---------------------------------------------------
+
+def test_shipped_text_is_the_recorded_public_domain_file():
+    raw = (DATA / "eval_text.txt").read_bytes()
+    note = (DATA / "EVAL_TEXT_SOURCE.md").read_text()
+    assert len(raw) < 1_000_000
+    assert hashlib.sha256(raw).hexdigest() in note  # edits to the text must update its record
+    text = raw.decode("utf-8")
+    assert "Gutenberg" not in text and "*** START" not in text  # license boilerplate stripped
+    assert text.startswith("BOTCHAN (MASTER DARLING)") and text.rstrip().endswith("--(THE END)--")
+    for fact in ("sentencepiece==0.2.3", "#8868", "Yasotaro Morri", "public domain"):
+        assert fact in note
+
+
+@pytest.mark.demo
+@pytest.mark.xdist_group("demo")
+def test_shipped_text_has_20k_demo_tokens(demo_lm):
+    n = len(demo_lm.tokenizer.encode(read_text(None)[0], add_bos=False))
+    assert n >= 20_000
+    assert f"{n:,} tokens" in (DATA / "EVAL_TEXT_SOURCE.md").read_text()
+
+
+@pytest.mark.demo
+@pytest.mark.xdist_group("demo")
+def test_demo_8da8w_costs_little(demo_lm):
+    w = tokenize(demo_lm.tokenizer, read_text(None)[0], 256, 512)
+    ref = FloatReference(model_logits_fn(demo_lm.model), w)
+    assert 5.0 < ref.perplexity < 80.0  # an English novel under a 135M instruct model
+    c = evaluate_variant(demo_lm.model, parse_variant("8da8w"), ref).comparison
+    assert c.targets == 2 * 255
+    assert -0.02 < c.ppl_change < 0.05
+    assert c.top1_agreement >= 0.85
+    # Q4_1 grid demo: affine int4 groups of 32 give back the float model.
+    a = evaluate_variant(demo_lm.model, parse_variant("w4:affine"), ref).comparison
+    assert abs(a.ppl_change) < 1e-4 and a.top1_agreement > 0.99
