@@ -224,45 +224,50 @@ def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], An
 
 # --- scheme variants ------------------------------------------------------------------
 
-_OPT = re.compile(r"^(emb|embedding)=(none|8w|4w)$")
+_OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
 
 
 @dataclass(frozen=True)
 class Variant:
     """A scheme plus eval-only research options: ``SCHEME[:OPT,OPT...]`` where OPT is a
     weight method (``asym``, ``affine``, ``sym-search``, ``affine-search``, ``hqq``; default
-    ``sym``, the scheme's own min/max meaning) or ``emb=none|8w|4w`` (embedding and tied head)."""
+    ``sym``, the scheme's own min/max meaning) or ``emb=auto|none|8w|4w`` (embedding and tied
+    head; default ``auto`` as in ``phonekit export``: int8 per row for a tied head of a
+    quantized scheme)."""
 
     text: str
     scheme: Scheme
     embedding: EmbeddingScheme
     method: str = "sym"
+    explicit_embedding: bool = False  # emb= given in the options (shown in the label)
 
     @property
     def label(self) -> str:
         parts = [] if self.method == "sym" else [self.method]
-        if self.embedding.bits is not None:
+        if self.explicit_embedding:
             parts.append(f"emb={self.embedding.name}")
         return self.scheme.name + (":" + ",".join(parts) if parts else "")
 
 
-def parse_variant(text: str, default_embedding: str | None = "none") -> Variant:
+def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     base, _, opts = text.strip().partition(":")
     scheme = parse_scheme(base)
     emb = parse_embedding(default_embedding)
     method = "sym"
+    explicit = False
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
         if m:
             emb = parse_embedding(m.group(2))
+            explicit = True
         elif opt in WEIGHT_METHODS:
             method = opt
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
-                             f"({', '.join(WEIGHT_METHODS)}) or emb=none|8w|4w, e.g. 8da4w:affine,emb=8w")
+                             f"({', '.join(WEIGHT_METHODS)}) or emb=auto|none|8w|4w, e.g. 8da4w:affine,emb=8w")
     if method != "sym" and scheme.is_float and emb.bits is None:
         raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
-    return Variant(text, scheme, emb, method)
+    return Variant(text, scheme, emb, method, explicit)
 
 
 def detached_copy(model: nn.Module) -> nn.Module:
@@ -355,7 +360,8 @@ class VariantResult:
 
     def as_dict(self) -> dict[str, Any]:
         v = self.variant
-        return {"scheme": v.scheme.name, "variant": v.label, "weights": v.method, "embedding": v.embedding.name,
+        # The plan's embedding scheme is the resolved one (``auto`` becomes 8w or none per model).
+        return {"scheme": v.scheme.name, "variant": v.label, "weights": v.method, "embedding": self.plan.embedding_scheme.name,
                 "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary()}
 
 

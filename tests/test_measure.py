@@ -101,8 +101,7 @@ def bundle_estimate(bundle: Path, fmt: str):  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def tiny_pte(tmp_path_factory) -> Path:
-    if runnable_here("pte"):
-        pytest.skip(runnable_here("pte"))
+    assert runnable_here("pte") is None
     root = tmp_path_factory.mktemp("measure")
     folder = write_hf_checkpoint(make_tiny_lm("mobilellm"), root / "tiny")
     out = root / "bundle"
@@ -133,14 +132,14 @@ def test_tiny_pte_measured_against_estimate(tiny_pte: Path) -> None:
 
 @pytest.mark.demo
 @pytest.mark.xdist_group("demo")
-@pytest.mark.parametrize("fmt", ["pte", "onnx", "coreml"])
+# Core ML runs only on macOS/iOS; its NumPy interpreter here says nothing about Core ML's memory,
+# so the Core ML measurement is not part of this Linux suite (see README, "Memory budget").
+@pytest.mark.parametrize("fmt", ["pte", "onnx"])
 def test_demo_estimate_within_15_percent_of_measured(fmt: str, request, tmp_path_factory) -> None:
     """Acceptance (issue 4): on the demo model (context 256, tests/conftest.py), every format
     this machine can run is measured with its real runtime (prompt 248 + 8 decode steps) and
     the estimate made before export is within 15% of the measured peak."""
-    why = runnable_here(fmt)
-    if why:
-        pytest.skip(why)
+    assert runnable_here(fmt) is None
     from conftest import DEMO_CONTEXT, _export_demo
 
     bundle = (request.getfixturevalue("demo_pte_bundle") if fmt == "pte"
