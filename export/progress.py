@@ -21,8 +21,8 @@ class Steps:
     def step(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         if self.quiet or not sys.stderr.isatty():
-            if not self.quiet:
-                self.console.print(f"[dim]…[/dim] {name}")
+            # Not a terminal: one line per finished step, nothing for a step that fails,
+            # so an error stays the only line a script sees.
             yield
         else:
             with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
