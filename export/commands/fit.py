@@ -51,17 +51,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{ms.model_id}: largest context within {args.budget_fraction:.0%} of DRAM "
-                    f"(- = none fits; model max {table.max_context:,})")
-    t.add_column("device")
-    t.add_column("budget MB", justify="right")
-    for f, s in table.columns:
-        t.add_column(f"{f}\n{s}", justify="right")
-    for d in devices:
-        t.add_row(d.id, f"{d.budget_bytes(args.budget_fraction) / 1e6:,.0f}",
-                  *(cell_text(table.cells[(d.id, f, s)], table.max_context) for f, s in table.columns))
     console = Console()
-    console.print(t)
+    # One table per format keeps each readable in an 80-column terminal.
+    for fmt in dict.fromkeys(f for f, _ in table.columns):
+        cols = [s for f, s in table.columns if f == fmt]
+        t = Table(title=f"{ms.model_id} on {fmt}: largest context within {args.budget_fraction:.0%} of DRAM "
+                        f"(- = none fits; model max {table.max_context:,})")
+        t.add_column("device")
+        t.add_column("budget MB", justify="right")
+        for s in cols:
+            t.add_column(s, justify="right")
+        for d in devices:
+            t.add_row(d.id, f"{d.budget_bytes(args.budget_fraction) / 1e6:,.0f}",
+                      *(cell_text(table.cells[(d.id, fmt, s)], table.max_context) for s in cols))
+        console.print(t)
     if png is not None:
         console.print(f"heat map: {png}")
     return 0
