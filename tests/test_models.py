@@ -173,3 +173,19 @@ def test_preset_counts_by_hand():
     d, F, H, r, dn, dr, dv, L, V = 2048, 8192, 16, 512, 128, 64, 128, 32, 151936
     per_layer = d * H * (dn + dr) + d * (r + dr) + r + r * H * (dn + dv) + H * dv * d + 2 * d * F + 2 * d
     assert L * per_layer + V * d + d == 1_825_458_176 == PRESETS["plm-1.8b"].published_params
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_module_equals_textbook_forms(interleaved):
+    """The export-friendly Rope (slices / a signed permutation matmul) computes the
+    textbook rotate-half and interleaved-pair RoPE."""
+    from phonekit.export.models.common import Rope, apply_rope_half, apply_rope_interleaved, rope_angles
+
+    rope = Rope(16, 10000.0, interleaved=interleaved)
+    pos = torch.arange(5, 12)
+    x = torch.randn(1, 7, 3, 16)
+    cos, sin = rope.angles(pos)
+    c, s = rope_angles(pos, 16, 10000.0)
+    ref = (apply_rope_interleaved if interleaved else apply_rope_half)(x, c, s)
+    assert (rope(x, cos, sin) - ref).abs().max().item() < 1e-6
+    assert (ref - x).abs().max().item() > 1e-2  # it really rotates
