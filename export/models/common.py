@@ -149,6 +149,20 @@ class KVCache(nn.Module):
         self.b.zero_()
 
 
+def strict_rename(weights: dict[str, torch.Tensor], want: list[str], source: str) -> dict[str, torch.Tensor]:
+    """Exactly the HF names in ``want`` (none missing, none extra), renamed to module names
+    (``model.`` prefix dropped). Shared by every family's ``sanitize``."""
+    from phonekit.errors import CheckpointError
+
+    missing = [k for k in want if k not in weights]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing); the checkpoint does not match config.json")
+    extra = sorted(set(weights) - set(want))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected); the checkpoint does not match config.json")
+    return {(k[len("model."):] if k.startswith("model.") else k): weights[k] for k in want}
+
+
 def num_params(module: nn.Module) -> int:
     """Parameters counted once each, so tied and shared weights count once."""
     seen: set[int] = set()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phonekit.errors import CheckpointError, ConfigError
-from phonekit.export.models.common import KVCache, RMSNorm, Rope, additive_mask, attention
+from phonekit.export.models.common import KVCache, RMSNorm, Rope, additive_mask, attention, strict_rename
 
 FAMILY = "mobilellm"
 HF_MODEL_TYPES = ("mobilellm", "llama")
@@ -283,15 +283,4 @@ def sanitize(args: ModelArgs, weights: dict[str, torch.Tensor], source: str) -> 
                 f"{source}: lm_head.weight differs from model.embed_tokens.weight but the config ties them; "
                 "set tie_word_embeddings=false (and share_embedding=false) in config.json"
             )
-    want = expected_keys(args)
-    missing = [k for k in want if k not in weights]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing); the checkpoint does not match config.json")
-    extra = sorted(set(weights) - set(want))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected); the checkpoint does not match config.json")
-    out = {}
-    for k in want:
-        name = k[len("model."):] if k.startswith("model.") else k
-        out[name] = weights[k]
-    return out
+    return strict_rename(weights, expected_keys(args), source)

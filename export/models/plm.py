@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phonekit.errors import CheckpointError, ConfigError
-from phonekit.export.models.common import KVCache, RMSNorm, Rope, additive_mask, attention
+from phonekit.export.models.common import KVCache, RMSNorm, Rope, additive_mask, attention, strict_rename
 
 FAMILY = "plm"
 HF_MODEL_TYPES = ("plm",)
@@ -284,11 +284,4 @@ def sanitize(args: ModelArgs, weights: dict[str, torch.Tensor], source: str) -> 
         emb = weights.get("model.embed_tokens.weight")
         if emb is not None and (head.shape != emb.shape or not torch.equal(head, emb)):
             raise CheckpointError(f"{source}: lm_head.weight differs from the embedding, but PLM ties them; this is not a PLM checkpoint")
-    want = expected_keys(args)
-    missing = [k for k in want if k not in weights]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing); the checkpoint does not match config.json")
-    extra = sorted(set(weights) - set(want))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected); the checkpoint does not match config.json")
-    return {(k[len("model."):] if k.startswith("model.") else k): weights[k] for k in want}
+    return strict_rename(weights, expected_keys(args), source)
