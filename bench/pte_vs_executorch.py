@@ -1,7 +1,11 @@
 """Benchmark: phonekit's 8da4w .pte against ExecuTorch's own export pipeline
 (``executorch.extension.llm.export.export_llm``, the ``smollm2`` model class) for
-the demo model, both run in ExecuTorch's C++ LLM runner (TextLLMRunner) on the same
+the demo model, all run in ExecuTorch's C++ LLM runner (TextLLMRunner) on the same
 threads, in one run. Reports .pte size, prefill and decode tokens/s.
+
+phonekit is exported once per ``--phonekit-quant`` (default: ``8da4w``, phonekit's
+default weight rounding, and ``8da4w:sym``, the plain symmetric rounding ExecuTorch's
+pipeline uses), so the cost of the better 4-bit weights shows next to their baseline.
 
     .venv/bin/python bench/pte_vs_executorch.py --context 512 --out out/bench
 
@@ -71,11 +75,11 @@ def export_executorch(out: Path, context: int) -> tuple[Path, float]:
     return out / "executorch_smollm2.pte", time.perf_counter() - t0
 
 
-def export_phonekit(out: Path, context: int) -> tuple[Path, float]:
-    bundle = out / "phonekit_bundle"
+def export_phonekit(out: Path, context: int, quant: str) -> tuple[Path, float]:
+    bundle = out / ("phonekit_" + quant.replace(":", "_"))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "phonekit.export.cli", "export", "smollm2-135m-instruct", "--format", "pte",
-                    "--quant", "8da4w", "--context", str(context), "--out", str(bundle), "--force", "--quiet"], check=True)
+                    "--quant", quant, "--context", str(context), "--out", str(bundle), "--force", "--quiet"], check=True)
     return bundle / "model.pte", time.perf_counter() - t0
 
 
@@ -106,22 +110,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
-    ap.add_argument("--phonekit-bundle", type=Path, help="reuse a bundle from phonekit export (same --context) instead of exporting")
+    ap.add_argument("--phonekit-quant", nargs="+", default=["8da4w", "8da4w:sym"],
+                    help="phonekit schemes to export and run (default: 8da4w 8da4w:sym)")
+    ap.add_argument("--phonekit-bundle", type=Path, nargs="+", default=[],
+                    help="reuse bundles from phonekit export (same --context) instead of exporting")
+    ap.add_argument("--executorch-pte", type=Path, help="reuse a .pte from an earlier run's export_llm step")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
-    if args.phonekit_bundle:
-        ours, t_ours = args.phonekit_bundle / "model.pte", float("nan")
-        ctx = json.loads((args.phonekit_bundle / "manifest.json").read_text())["context_length"]
-        if ctx != args.context:
-            raise SystemExit(f"--phonekit-bundle has context {ctx}, not --context {args.context}")
+    runs: list[tuple[str, Path, float]] = []
+    for b in args.phonekit_bundle:
+        m = json.loads((b / "manifest.json").read_text())
+        if m["context_length"] != args.context:
+            raise SystemExit(f"--phonekit-bundle {b} has context {m['context_length']}, not --context {args.context}")
+        q = m["quantization"]
+        runs.append((f"phonekit {q['scheme']}:{q['weight_method']}", b / "model.pte", float("nan")))
+    if not args.phonekit_bundle:
+        for q in args.phonekit_quant:
+            pte, t = export_phonekit(args.out, args.context, q)
+            m = json.loads((pte.parent / "manifest.json").read_text())["quantization"]
+            runs.append((f"phonekit {m['scheme']}:{m['weight_method']}", pte, t))
+    if args.executorch_pte:
+        runs.append(("executorch export_llm", args.executorch_pte, float("nan")))
     else:
-        ours, t_ours = export_phonekit(args.out, args.context)
-    theirs, t_theirs = export_executorch(args.out.absolute(), args.context)
-    tok = ours.parent / "tokenizer.json"
+        runs.append(("executorch export_llm", *export_executorch(args.out.absolute(), args.context)))
+    tok = runs[0][1].parent / "tokenizer.json"
     results = {"context": args.context, "threads": args.threads, "prompt": PROMPT, "new_tokens": args.new_tokens}
-    for name, pte, t in (("phonekit", ours, t_ours), ("executorch export_llm", theirs, t_theirs)):
+    for name, pte, t in runs:
         results[name] = {"pte_bytes": pte.stat().st_size, "export_s": round(t, 1), **run_runner(pte, tok, args.new_tokens, args.repeats)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

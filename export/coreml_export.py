@@ -31,8 +31,10 @@ Design decisions (each checked with coremltools 9.0 + torch 2.13.0 on Linux):
   (SmolLM2-135M, whose residual stream reaches |x| = 22552, x**2 = 5.1e8): with these
   exceptions teacher-forced top-1 agreement with eager is 128/128 (max logit error 0.09 of
   31); with every op in fp16 it is 3/128.
-* **Weights**: ``w8``/``w4`` via ``coreml_quant`` (``constexpr_blockwise_shift_scale``,
-  reference codes); PLM's ``kv_b_proj`` stays float like in every format.
+* **Weights**: ``w8``/``w4`` (any weight rounding method, ``w4:affine`` etc.) via
+  ``coreml_quant``: ``constexpr_blockwise_shift_scale`` holding the reference's codes and
+  scales, plus the float per-group offsets (``scale * (data - offset)``) of the offset methods
+  (asym, affine, affine-search); PLM's ``kv_b_proj`` stays float like in every format.
 """
 
 from __future__ import annotations
@@ -227,6 +229,7 @@ def metadata(lm: Any, plan: QuantPlan, context: int, method: str) -> dict[str, s
         META_PREFIX + "block_applications": str(cfg.block_applications),
         META_PREFIX + "context": str(context),
         META_PREFIX + "scheme": plan.scheme.name,
+        META_PREFIX + "weight_method": json.dumps(plan.scheme.weight_method),  # null for float schemes
         META_PREFIX + "embedding": plan.embedding_scheme.name,
         META_PREFIX + "vocab_size": str(cfg.vocab_size),
         META_PREFIX + "bos_id": json.dumps(bos),
@@ -274,7 +277,7 @@ def convert(lm: Any, plan: QuantPlan, context: int, out: Path, method: str = "tr
     meta = metadata(lm, plan, context, method)
     for k, v in meta.items():
         mlmodel.user_defined_metadata[k] = v
-    mlmodel.short_description = f"{lm.model_id} ({plan.scheme.name}), stateful KV cache, context {context}"
+    mlmodel.short_description = f"{lm.model_id} ({plan.scheme.label}), stateful KV cache, context {context}"
     mlmodel.author = "phonekit"
     mlmodel.version = str(meta[META_PREFIX + "scheme"])
     _describe(mlmodel)

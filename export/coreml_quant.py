@@ -1,16 +1,30 @@
-"""Weight quantization of a converted Core ML program with the exact codes of ``quant/reference.py``.
+"""Weight quantization of a converted Core ML program with the exact numbers of ``quant/reference.py``.
 
 ``coremltools.optimize.coreml.linear_quantize_weights`` with ``OpLinearQuantizerConfig(
 mode="linear_symmetric")`` rounds onto a *restricted* grid: int8 codes in [-127, 127] with
 ``scale = max|w| / 127`` and int4 codes in [-7, 7] with ``scale = max|w| / 7``
 (coremltools/optimize/_utils.py ``get_quant_range``). phonekit's schemes use the full signed
-range: ``scale = max|w| / 127.5`` (int8) or ``/ 7.5`` (int4), codes clamped to [-128, 127] /
-[-8, 7]. So phonekit runs coremltools' own graph-pass machinery (``_apply_graph_pass``, the
-function behind every ``coremltools.optimize.coreml`` call) with a pass that builds the same
-``constexpr_blockwise_shift_scale`` op the stock quantizer builds (iOS18 opset: int8 per
-output channel or int4 per block of ``group`` input channels, no offset), filled with
-``quant.reference.quantize_symmetric``'s codes computed from the fp32 weights, and the scales
-stored in the weight's own precision (fp16 for an fp16 program).
+range and several weight rounding methods (``quant.schemes.WEIGHT_METHODS``), some with a
+*float* offset per group. So phonekit runs coremltools' own graph-pass machinery
+(``_apply_graph_pass``, the function behind every ``coremltools.optimize.coreml`` call) with a
+pass that builds the op the stock quantizer builds, iOS18 ``constexpr_blockwise_shift_scale``
+(int8 per output channel or int4 per block of ``group`` input channels), filled with
+``quant.reference.quantize_weight``'s codes, scales and offsets computed from the fp32
+weights. The op computes ``output = scale * (data - offset)`` per block; the reference's
+``W = (q - zero) * scale`` maps onto it one to one: ``data`` = the signed int4/int8 codes,
+``scale`` = the scales, ``offset`` = the zero points, present exactly when the method has
+them (``LinearPlan.has_offset``: asym, affine, affine-search).
+
+Offsets: the op definition (coremltools 9.0, ``mil/ops/defs/iOS18/compression.py``) takes an
+``offset`` of the scale's shape and dtype int4/uint4/int8/uint8 (then equal to ``data``'s
+dtype) or fp16/fp32. The affine methods' zero points are fractional (GGUF Q4_1's
+``d * q + m`` has ``zero = qmin - m / d``), so an integer offset cannot hold them; phonekit
+stores every offset as a float in the scale's precision (fp16 in an fp16 program, fp32 where
+the weight computes in fp32), like the scales. asym's integer zero points are exact in fp16;
+an affine zero point rounded to fp16 moves the weight by at most ``scale * |zero| * 2**-11``
+(and ``data - offset`` rounds to fp16 once more), the size of the fp16 rounding of the weight
+itself: measured within 1.9 fp16 ulps of each group's max |W| for every method, symmetric
+ones 1.3 (the fp16 scales); see tests/test_coreml.py.
 
 Which constants are quantized comes from the ``QuantPlan``: every linear in ``plan.linears``
 and the embedding when ``plan.embedding`` is set (a tied head reads that same constant, so
@@ -38,7 +52,7 @@ from torch import nn
 
 from phonekit.errors import ExportError
 from phonekit.quant.plan import LinearPlan, QuantPlan
-from phonekit.quant.reference import quantize_symmetric
+from phonekit.quant.reference import QuantizedWeight, quantize_weight
 
 
 @dataclass
@@ -47,6 +61,14 @@ class _Target:
     plan: LinearPlan
     weight: torch.Tensor  # fp32 [out, in]
     hits: int = 0
+    stored: str | None = None  # the float dtype its scales (and offsets) are stored in
+    _quantized: QuantizedWeight | None = None
+
+    def quantized(self) -> QuantizedWeight:
+        """The reference's codes, scales and offsets (computed once)."""
+        if self._quantized is None:
+            self._quantized = quantize_weight(self.weight, self.plan)
+        return self._quantized
 
 
 def _key(arr: np.ndarray) -> tuple[str, tuple[int, ...], str]:
@@ -62,9 +84,12 @@ def plan_targets(model: nn.Module, plan: QuantPlan) -> list[_Target]:
     if plan.embedding is not None:
         items.append(("embed_tokens", plan.embedding, model.embed_tokens.weight))
     for name, lp, w in items:
-        if lp.asymmetric or lp.dynamic_act:
-            raise ExportError(f"--format coreml: {name} is planned with "
-                              f"{'asymmetric codes' if lp.asymmetric else 'dynamic activations'}, which Core ML cannot run; use --quant w4 or w8")
+        if lp.dynamic_act:
+            raise ExportError(f"--format coreml: {name} is planned with dynamic activations, which Core ML cannot run; "
+                              f"use --quant w4 or w8")
+        if lp.has_offset and lp.offset != "zero_point":
+            raise ExportError(f"--format coreml: {name} is planned with its offset as {lp.offset!r}; Core ML stores "
+                              f"offsets as zero points (make the plan with fmt='coreml')")
         if id(w) in seen:
             continue
         seen.add(id(w))
@@ -72,9 +97,22 @@ def plan_targets(model: nn.Module, plan: QuantPlan) -> list[_Target]:
     return out
 
 
+def op_inputs(qw: QuantizedWeight, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """``constexpr_blockwise_shift_scale``'s inputs for ``qw``: int4/int8 ``data``, ``scale``
+    [out, groups] in ``dtype`` (the weight's own precision) and, for an offset method,
+    ``offset`` [out, groups] in that same float dtype (the reference's zero points)."""
+    from coremltools.converters.mil.mil import types
+
+    data = qw.q.numpy()
+    data = data.astype(types.nptype_from_builtin(types.int4)) if qw.bits == 4 else data.astype(np.int8)
+    out = {"data": data, "scale": qw.scale.numpy().astype(dtype)}
+    if qw.zero is not None:
+        out["offset"] = qw.zero.numpy().astype(dtype)
+    return out
+
+
 def _build_pass(targets: list[_Target]) -> Any:
     from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
@@ -82,8 +120,6 @@ def _build_pass(targets: list[_Target]) -> Any:
     for t in targets:
         for dt in (np.float16, np.float32):
             by_key[_key(t.weight.numpy().astype(dt))] = t
-
-    int4 = types.nptype_from_builtin(types.int4)
 
     class ReferenceWeightQuantizer(AbstractGraphPass):
         def apply(self, prog) -> None:  # noqa: ANN001 - pymil Program
@@ -102,11 +138,9 @@ def _build_pass(targets: list[_Target]) -> Any:
                 if t is None:
                     continue
                 t.hits += 1
-                codes, scale = quantize_symmetric(t.weight, t.plan.bits, t.plan.group_size)
-                data = codes.numpy()
-                data = data.astype(int4) if t.plan.bits == 4 else data.astype(np.int8)
-                new = mb.constexpr_blockwise_shift_scale(
-                    data=data, scale=scale.numpy().astype(val.dtype), before_op=op, name=op.name + "_quantized")
+                t.stored = np.dtype(val.dtype).name
+                new = mb.constexpr_blockwise_shift_scale(**op_inputs(t.quantized(), val.dtype), before_op=op,
+                                                         name=op.name + "_quantized")
                 block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
                                                    no_check_var_types=True)
                 block.remove_ops([op])
@@ -166,7 +200,8 @@ def finish_weights(mlmodel: Any, model: nn.Module, plan: QuantPlan, fp16_program
     info: dict[str, Any] = {"quantized_tensors": len(targets)}
     if targets:
         info.update(bits=sorted({t.plan.bits for t in targets}),
-                    int4_block=next((t.plan.group_size for t in targets if t.plan.bits == 4), None))
+                    int4_block=next((t.plan.group_size for t in targets if t.plan.bits == 4), None),
+                    weight_methods=sorted({t.plan.method for t in targets}))
     if not passes or not (targets or _has_fp32_weights(mlmodel)):
         info.update(stats)
         return mlmodel, info
@@ -175,8 +210,19 @@ def finish_weights(mlmodel: Any, model: nn.Module, plan: QuantPlan, fp16_program
     if missing:
         raise ExportError(f"--format coreml: the converted program has no constant equal to {missing[0]}'s weight "
                           f"({len(missing)} planned weights not found); the weights cannot be quantized as planned")
+    if targets:
+        info["offsets"] = _offset_text(targets)
     info.update(stats)
     return out, info
+
+
+def _offset_text(targets: list[_Target]) -> str:
+    with_offset = [t for t in targets if t.plan.has_offset]
+    if not with_offset:
+        return "none: symmetric codes, output = scale * data"
+    dtypes = "/".join(sorted({t.stored or "?" for t in with_offset}))
+    return (f"float offset per scale block on {len(with_offset)} of {len(targets)} tensors, output = "
+            f"scale * (data - offset) (the reference's zero points), stored in {dtypes} like the scales")
 
 
 def _has_fp32_weights(mlmodel: Any) -> bool:

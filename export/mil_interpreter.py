@@ -597,11 +597,25 @@ def _broadcast_blocks(p: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _blockwise_shift_scale(a: dict[str, Any]) -> np.ndarray:
+    """``output = scale * (data - offset)`` per block, in the scale's dtype (DstT).
+
+    As the op's own ``decompress`` (coremltools 9.0, iOS18 ``compression.py``) computes it:
+    ``data`` cast to DstT, ``data - offset`` rounded to DstT, then ``* scale`` rounded to
+    DstT; an int offset (same dtype as ``data``) or a float one in DstT. Each step here
+    computes in fp32 and rounds once, which is IEEE arithmetic in DstT (fp16 results are
+    bit-identical to NumPy's fp16 ops; fp32 ones to its fp32 ops). Without an offset the
+    codes are exact in DstT and only the product rounds."""
     data, scale, offset = a["data"], a["scale"], a.get("offset")
-    x = data.astype(np.float32)
+    dst = np.dtype(scale.dtype)
+    if dst not in (_F16, _F32):
+        raise BundleError(f"constexpr_blockwise_shift_scale: scale dtype {dst} is not fp16 or fp32")
+    x = data.astype(dst).astype(np.float32)
     if offset is not None:
-        x = x - _broadcast_blocks(offset.astype(np.float32), data.shape)
-    return (x * _broadcast_blocks(scale.astype(np.float32), data.shape)).astype(scale.dtype)
+        if offset.shape != scale.shape:
+            raise BundleError(f"constexpr_blockwise_shift_scale: offset shape {offset.shape} differs from "
+                              f"the scale's {scale.shape}")
+        x = (x - _broadcast_blocks(offset.astype(np.float32), data.shape)).astype(dst).astype(np.float32)
+    return (x * _broadcast_blocks(scale.astype(np.float32), data.shape)).astype(dst)
 
 
 def _affine_dequantize(a: dict[str, Any]) -> np.ndarray:

@@ -30,9 +30,10 @@ from onnx import TensorProto
 
 from phonekit.errors import QuantError
 from phonekit.export.onnx_graph import MS_DOMAIN, Graph
-from phonekit.export.onnx_quant import NBitsLayout, layout_for, pack_nbits
+from phonekit.export.onnx_quant import (FLOAT_OFFSETS, OFFSET_CORRECTION, OFFSET_FLOAT, OFFSET_UINT8, NBitsLayout,
+                                         correction_t, layout_for, offset_storage, pack_nbits)
 from phonekit.quant.plan import LinearPlan, QuantPlan
-from phonekit.quant.reference import quantize_symmetric
+from phonekit.quant.reference import quantize_weight
 
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
@@ -49,9 +50,17 @@ class DecoderOptions:
     ``MatMulNBits`` multiplies in float with the exact int weights. ``acc4``: no
     explicit rounding; ``MatMulNBits accuracy_level=4`` quantizes the input itself
     (int8, symmetric, per row and per weight block) and runs int8 dot products.
+
+    ``float_offsets``: how the float offsets of ``affine`` / ``affine-search`` weights are
+    stored (``onnx_quant``). ``correction`` (default): codes through ``MatMulNBits`` without
+    zero points plus ``(per-group sums of x) @ C.T``, C = -zero * scale. ``zero_points``:
+    MatMulNBits' own float zero points (int4 only; exact, but ONNX Runtime 1.32's CPU
+    kernel dequantizes the whole weight on every call: far slower). ``asym``'s integer
+    zeros are always native uint8 zero points.
     """
 
     act_method: str = "qdq"
+    float_offsets: str = "correction"
 
 
 @dataclass
@@ -59,8 +68,10 @@ class DecoderInfo:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)
-    quantized: dict[str, dict[str, Any]] = field(default_factory=dict)  # module name -> bits, block
+    quantized: dict[str, dict[str, Any]] = field(default_factory=dict)  # module name -> bits, block, method, offsets
     matmul_nbits_nodes: int = 0
+    zero_point_inputs: int = 0  # MatMulNBits nodes fed zero points (offset methods)
+    offset_corrections: int = 0  # quantized linears with a correction MatMul for their offsets
     float_matmul_nodes: int = 0
     matmul_integer_nodes: int = 0
     act_quant_nodes: int = 0
@@ -69,17 +80,21 @@ class DecoderInfo:
 class _Ops:
     """Weights and quantized linears on a graph; shared by the decoder and ``linear_graph``."""
 
-    def __init__(self, g: Graph, opts: DecoderOptions, store: Any = np.float32) -> None:
+    def __init__(self, g: Graph, opts: DecoderOptions, store: Any = np.float32, rank: int = 3) -> None:
         if opts.act_method not in ACT_METHODS:
             raise ValueError(f"act_method {opts.act_method!r}: use one of {ACT_METHODS}")
+        if opts.float_offsets not in FLOAT_OFFSETS:
+            raise ValueError(f"float_offsets {opts.float_offsets!r}: use one of {FLOAT_OFFSETS}")
         self.g = g
         self.opts = opts
         self.info = DecoderInfo()
         self.store = store
+        self.rank = rank  # of the activations that enter linears ([batch, seq, K] in the decoder)
         self._act_cache: dict[str, dict[str, str]] = {}
         self._cast_cache: dict[str, str] = {}
-        self._packed: dict[str, tuple[str, str, NBitsLayout]] = {}
-        self._int8: dict[str, tuple[str, str, str]] = {}
+        self._packed: dict[str, tuple[str, str, str | None, str | None, NBitsLayout]] = {}
+        self._int8: dict[str, tuple[str, str, str, str | None]] = {}
+        self._group_sums: dict[tuple[str, int], str] = {}
 
     # -- weights ----------------------------------------------------------------------
     def fweight(self, name: str, tensor: torch.Tensor, transpose: bool = False) -> str:
@@ -99,29 +114,48 @@ class _Ops:
             self._cast_cache[name] = self.g.op("Cast", name, to=FLOAT)
         return self._cast_cache[name]
 
-    def packed(self, name: str, tensor: torch.Tensor, bits: int, group: int | None) -> tuple[str, str, NBitsLayout]:
-        """``MatMulNBits`` initializers of a weight, registered once (shared -LS blocks, tied head)."""
+    def packed(self, name: str, tensor: torch.Tensor, lp: LinearPlan) -> tuple[str, str, str | None, str | None, NBitsLayout]:
+        """``MatMulNBits`` initializers of a weight under ``lp``, registered once (shared -LS
+        blocks, tied head): B, scales, zero points (or None) and the offset correction C.T
+        (or None), all from one ``quantize_weight``."""
         if name in self._packed:
             return self._packed[name]
         n, k = tensor.shape
-        lay = layout_for(n, k, bits, group, name)
+        lay = layout_for(n, k, lp.bits, lp.group_size, name)
+        storage = offset_storage(lp, self.opts.float_offsets)
         cache: dict[str, np.ndarray] = {}
 
         def make(part: str, t: torch.Tensor = tensor) -> np.ndarray:
-            # B and scales come from one quantization; the writer asks for B first.
+            # Every part comes from one quantization (made on the first request, the parts
+            # handed out one by one), whatever order the writer asks in.
             if not cache:
-                cache["B"], cache["scales"], _ = pack_nbits(t, bits, group, name)
+                p = pack_nbits(t, lp, name, storage)
+                cache.update(B=p.b, scales=p.scales)
+                if p.zero_points is not None:
+                    cache["zero_points"] = p.zero_points
+                if p.offset_t is not None:
+                    cache["offset_t"] = p.offset_t
             return cache.pop(part)
 
         b = self.g.weight(f"{name}.qweight", lay.b_shape, np.uint8, lambda: make("B"))
         s = self.g.weight(f"{name}.scales", lay.scales_shape, np.float32, lambda: make("scales"))
-        self._packed[name] = (b, s, lay)
-        self.info.quantized[name] = {"bits": bits, "block_size": lay.block, "per_channel": group is None}
+        zp = ct = None
+        if storage == OFFSET_UINT8:
+            zp = self.g.weight(f"{name}.zero_points", lay.zp_u8_shape, np.uint8, lambda: make("zero_points"))
+        elif storage == OFFSET_FLOAT:
+            zp = self.g.weight(f"{name}.zero_points", lay.scales_shape, np.float32, lambda: make("zero_points"))
+        elif storage == OFFSET_CORRECTION:
+            groups = k // (lp.group_size or k)
+            ct = self.g.weight(f"{name}.offset_t", (groups, n), np.float32, lambda: make("offset_t"))
+        self._packed[name] = (b, s, zp, ct, lay)
+        self.info.quantized[name] = {"bits": lp.bits, "block_size": lay.block, "per_channel": lp.group_size is None,
+                                     "method": lp.method, "offsets": storage}
         return self._packed[name]
 
-    def int8_kn(self, name: str, tensor: torch.Tensor) -> tuple[str, str, str]:
-        """Per-output-channel int8 codes stored [K, N] for ``MatMulInteger``, their scales [N]
-        and column sums [N] (int32, for the activation zero-point correction); registered once."""
+    def int8_kn(self, name: str, tensor: torch.Tensor, lp: LinearPlan) -> tuple[str, str, str, str | None]:
+        """Per-output-channel int8 codes stored [K, N] for ``MatMulInteger``, their scales [N],
+        column sums [N] (int32, for the activation zero-point correction) and, for an offset
+        method, the offset correction C.T [1, N] (fp32); registered once."""
         if name in self._int8:
             return self._int8[name]
         n, k = tensor.shape
@@ -129,17 +163,22 @@ class _Ops:
 
         def make(part: str, t: torch.Tensor = tensor) -> np.ndarray:
             if not cache:
-                q, sc = quantize_symmetric(t.detach(), 8, None)
-                qt = np.ascontiguousarray(q.numpy().T)  # [K, N]
-                cache["q"], cache["s"] = qt, sc.float().numpy().reshape(n)
+                qw = quantize_weight(t.detach(), lp)
+                qt = np.ascontiguousarray(qw.q.numpy().T)  # [K, N]
+                cache["q"], cache["s"] = qt, qw.scale.float().numpy().reshape(n)
                 cache["colsum"] = qt.astype(np.int32).sum(axis=0, dtype=np.int32)
+                if qw.zero is not None:
+                    cache["offset_t"] = correction_t(qw)
             return cache.pop(part)
 
-        out = (self.g.weight(f"{name}.qweight_kn", (k, n), np.int8, lambda: make("q")),
-               self.g.weight(f"{name}.scales", (n,), np.float32, lambda: make("s")),
-               self.g.weight(f"{name}.colsum", (n,), np.int32, lambda: make("colsum")))
+        q = self.g.weight(f"{name}.qweight_kn", (k, n), np.int8, lambda: make("q"))
+        s = self.g.weight(f"{name}.scales", (n,), np.float32, lambda: make("s"))
+        colsum = self.g.weight(f"{name}.colsum", (n,), np.int32, lambda: make("colsum"))
+        ct = self.g.weight(f"{name}.offset_t", (1, n), np.float32, lambda: make("offset_t")) if lp.has_offset else None
+        out = (q, s, colsum, ct)
         self._int8[name] = out
-        self.info.quantized[name] = {"bits": 8, "block_size": None, "per_channel": True, "layout": "int8 [K, N]"}
+        self.info.quantized[name] = {"bits": 8, "block_size": None, "per_channel": True, "layout": "int8 [K, N]",
+                                     "method": lp.method, "offsets": OFFSET_CORRECTION if lp.has_offset else None}
         return out
 
     # -- ops --------------------------------------------------------------------------
@@ -173,8 +212,25 @@ class _Ops:
                     aq[part] = g.op("Cast", g.op("Add", aq["zp"], g.const(128.0, np.float32)), to=TensorProto.INT32)
         return aq[part]
 
+    def group_sums(self, x: str, groups: int, k: int) -> str:
+        """x [..., K] -> [..., groups]: the sum of each group of K / groups inputs (made once per x)."""
+        key = (x, groups)
+        if key not in self._group_sums:
+            g = self.g
+            with g.scope("offset"):
+                xg = g.op("Reshape", x, g.const([0] * (self.rank - 1) + [groups, k // groups]))
+                self._group_sums[key] = g.op("ReduceSum", xg, g.const([-1]), keepdims=0)
+        return self._group_sums[key]
+
+    def offset_correction(self, y: str, x: str, ct: str, k: int) -> str:
+        """y + (group sums of x) @ C.T: the offsets of W = (q - zero) * scale that the codes'
+        product y = x @ (q * scale).T leaves out (C = -zero * scale, ``onnx_quant``)."""
+        groups = self.g.inits[ct].shape[0]
+        self.info.offset_corrections += 1
+        return self.g.op("Add", y, self.g.op("MatMul", self.group_sums(x, groups, k), ct))
+
     def matmul_nbits(self, x: str, name: str, tensor: torch.Tensor, lp: LinearPlan) -> str:
-        b, s, lay = self.packed(name, tensor, lp.bits, lp.group_size)
+        b, s, zp, ct, lay = self.packed(name, tensor, lp)
         # accuracy_level 1 = float32 compute (MLAS' fast CompFp32 kernels; 0 "unset" took a
         # ~4x slower path for int4 here); 4 = the kernel quantizes A to int8 itself.
         attrs: dict[str, Any] = {"K": lay.k, "N": lay.n, "bits": lay.bits, "block_size": lay.block, "accuracy_level": 1}
@@ -183,28 +239,34 @@ class _Ops:
         elif lp.dynamic_act:
             attrs["accuracy_level"] = 4
         self.info.matmul_nbits_nodes += 1
-        return self.g.op("MatMulNBits", x, b, s, domain=MS_DOMAIN, **attrs)
+        if zp is not None:
+            self.info.zero_point_inputs += 1
+            return self.g.op("MatMulNBits", x, b, s, zp, domain=MS_DOMAIN, **attrs)
+        y = self.g.op("MatMulNBits", x, b, s, domain=MS_DOMAIN, **attrs)
+        return y if ct is None else self.offset_correction(y, x, ct, lay.k)
 
-    def matmul_int8_dynamic(self, x: str, name: str, tensor: torch.Tensor) -> str:
+    def matmul_int8_dynamic(self, x: str, name: str, tensor: torch.Tensor, lp: LinearPlan) -> str:
         """8da8w exactly and in integers: x's per-token uint8 codes u = q + 128 times the int8
         weights W [K, N] by ``MatMulInteger`` (int32), minus (zp + 128) * colsum(W) for the
         activation zero point, times the token's scale and the channel's scale:
         sum_k (q_k - zp) * w_kn * s_x * s_n, the reference's product without float rounding
         inside the sum. (ORT's MatMulInteger takes no per-row zero point, hence the correction.)"""
         g = self.g
-        w, sw, colsum = self.int8_kn(name, tensor)
+        w, sw, colsum, ct = self.int8_kn(name, tensor, lp)
         aq = self.act_quant(x)
         acc = g.op("MatMulInteger", self.act_part(aq, "u8"), w)  # int32 [.., N]
         acc = g.op("Sub", acc, g.op("Mul", self.act_part(aq, "zp_u"), colsum))
         self.info.matmul_integer_nodes += 1
-        return g.op("Mul", g.op("Mul", g.op("Cast", acc, to=FLOAT), aq["scale"]), sw)
+        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to=FLOAT), aq["scale"]), sw)
+        # An offset method's zeros: + sum(x_deq) * C, x_deq the rounded input the codes multiply.
+        return y if ct is None else self.offset_correction(y, self.act_part(aq, "deq"), ct, tensor.shape[1])
 
     def int8_path(self, lp: LinearPlan) -> bool:
         return lp.bits == 8 and lp.group_size is None and lp.dynamic_act and self.opts.act_method == "qdq"
 
     def quant_linear(self, x: str, name: str, tensor: torch.Tensor, lp: LinearPlan) -> str:
         if self.int8_path(lp):
-            return self.matmul_int8_dynamic(x, name, tensor)
+            return self.matmul_int8_dynamic(x, name, tensor, lp)
         return self.matmul_nbits(x, name, tensor, lp)
 
 
@@ -217,9 +279,6 @@ class _Builder(_Ops):
         self.plan = plan
         self.context = context
         self._rope_full: dict[tuple[str, str], tuple[str, str]] = {}
-        for name, lp in plan.linears.items():
-            if lp.asymmetric:
-                raise QuantError(f"{name}: asymmetric linear weights are not a phonekit scheme for --format onnx")
 
     def _param(self, name: str) -> torch.Tensor:
         return self.model.get_parameter(name).detach()
@@ -303,7 +362,8 @@ class _Builder(_Ops):
         ep = self.plan.embedding
         if ep is None or not self.plan.head_tied_to_embedding:
             return None
-        return LinearPlan(ep.bits, ep.group_size, False, self.plan.head_dynamic_act)
+        return LinearPlan(ep.bits, ep.group_size, method=ep.method, dynamic_act=self.plan.head_dynamic_act,
+                          offset=ep.offset)
 
     def embed(self, ids: str) -> str:
         g, a = self.g, self.args
@@ -311,16 +371,17 @@ class _Builder(_Ops):
         ep = self.plan.embedding
         if ep is None:
             return g.op("Gather", self.fweight("embed_tokens.weight", w), ids)
-        if ep.asymmetric:
-            raise QuantError("--quant-embedding: asymmetric embeddings are not a phonekit scheme for --format onnx")
+        if ep.has_offset:
+            raise QuantError(f"--quant-embedding: {ep.method} embeddings (with offsets) are not a phonekit scheme "
+                             f"for --format onnx")
         hp = self.head_plan()
         if hp is not None and self.int8_path(hp):
             # The head keeps the int8 matrix as [D, V] for MatMulInteger; the lookup gathers
             # columns of that same initializer, so it is stored once.
-            w_kn, sw, _ = self.int8_kn("embed_tokens", w)
+            w_kn, sw, _, _ = self.int8_kn("embed_tokens", w, hp)
             codes = g.op("Transpose", g.op("Gather", w_kn, ids, axis=1), perm=[1, 2, 0])  # [B, S, D]
             return g.op("Mul", g.op("Cast", codes, to=FLOAT), g.op("Unsqueeze", g.op("Gather", sw, ids), g.const([-1])))
-        b, s, lay = self.packed("embed_tokens", w, ep.bits, ep.group_size)
+        b, s, _, _, lay = self.packed("embed_tokens", w, ep)
         flat = g.op("Reshape", b, g.const([lay.n, lay.k_blocks * lay.blob]))
         x = g.op("GatherBlockQuantized", flat, ids, s, domain=MS_DOMAIN, bits=lay.bits, block_size=lay.block,
                  gather_axis=0, quantize_axis=1)
@@ -473,7 +534,7 @@ def linear_graph(weight: torch.Tensor, lp: LinearPlan | None, opts: DecoderOptio
     """A one-linear graph ``x [rows, K] -> y [rows, N]`` through the very code the decoder uses
     for a linear under ``lp`` (None = float), so its numerics can be checked in isolation."""
     g = Graph("phonekit-linear")
-    ops = _Ops(g, opts or DecoderOptions())
+    ops = _Ops(g, opts or DecoderOptions(), rank=2)
     n, k = weight.shape
     x = g.input("x", FLOAT, ["rows", k])
     if lp is None:

@@ -22,11 +22,23 @@ a word; tracing a 1.8B model also needs several copies of the weights in memory.
 Writing the graph gives exact I/O names, weights stored once, quantized nodes we
 can count, and one tensor at a time on disk. Parity with the eager model is tested.
 
-Quantization (``phonekit.quant`` plan, codes and scales from ``quant.reference``):
+Quantization (``phonekit.quant`` plan; codes, scales and offsets from
+``quant.reference.quantize_weight`` for the plan's weight method, see ``onnx_quant``):
 
 * ``w4`` / ``8da4w``: ``MatMulNBits`` bits=4 with the scheme's group as block size,
   ``accuracy_level=1`` (float32 compute; "unset" took a ~4x slower kernel path).
-  Symmetric codes, default zero point: the dequantized weights equal the reference's.
+  Symmetric methods (``sym``, ``sym-search``, ``hqq``): the default zero point, so the
+  dequantized weights equal the reference's. Offset methods: ``asym``'s integer zeros as
+  MatMulNBits' uint8 zero points (exact, same kernels and speed); the float offsets of
+  ``affine`` / ``affine-search`` as a correction ``+ (per-group sums of x) @ C.T`` with
+  C = -zero * scale in fp32 beside a zero-point-free MatMulNBits (float rounding of the
+  reference; C adds one fp32 per group, like a scale: +13 MB on SmolLM2-135M). ONNX
+  Runtime 1.32 also takes float zero points (int4 only), but its CPU kernel then skips
+  prepacking and dequantizes the whole weight to fp32 on every call:
+  ``DecoderOptions(float_offsets="zero_points")`` writes them, the CLI does not. Measured
+  on SmolLM2-135M, w4 + ``--quant-embedding 4w``, 1 thread, x86 (loaded 2-core machine),
+  decode tok/s: sym 66-70, affine-search with the correction 58-62, with float zero
+  points 5.6.
 * ``8da8w``: int8 weights [K, N] and ``MatMulInteger`` (below).
 * ``w8``: ``MatMulNBits`` bits=8, the per-channel scale repeated per block: exact, but
   ONNX Runtime 1.32's CPU EP has no fast float-activation int8 kernel: on this x86
@@ -71,6 +83,7 @@ from phonekit.errors import ExportError, QuantError, UsageError
 from phonekit.export.bundle import Artifact
 from phonekit.export.onnx_decoder import DecoderInfo, DecoderOptions, build_decoder
 from phonekit.export.onnx_graph import IR_VERSION, MS_OPSET, OPSET, Graph
+from phonekit.export.onnx_quant import OFFSET_CORRECTION, OFFSET_FLOAT, OFFSET_UINT8
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -181,6 +194,14 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
     else:
         act = None
     emb = plan.embedding
+    method = plan.scheme.weight_method
+    storages = sorted({str(v.get("offsets")) for v in info.quantized.values() if v.get("offsets")})
+    offsets = {
+        OFFSET_UINT8: "MatMulNBits uint8 zero points (integer zeros, packed like the codes)",
+        OFFSET_FLOAT: "MatMulNBits float32 zero points [N, blocks] (ORT dequantizes the weight per call)",
+        OFFSET_CORRECTION: "zero-point-free MatMulNBits/MatMulInteger + (per-group sums of x) @ C.T, C = -zero * scale "
+                      "(float32 [groups, N], initializer <name>.offset_t)",
+    }
     head = ("Gemm(transB) on the float embedding (stored once)" if plan.head_tied_to_embedding and emb is None else
             "MatMulNBits on the embedding's packed int weights (stored once)" if plan.head_tied_to_embedding else
             "MatMulNBits" if "lm_head" in plan.linears else "float MatMul")
@@ -202,6 +223,12 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
             "quantized_weights": len(info.quantized),
             "float_matmul_nodes": info.float_matmul_nodes,
             "float_storage": "float16" if plan.scheme.base == "fp16" else "float32",
+            "method": method,
+            "stored": None if method is None else (
+                "codes + scales from quant.reference.quantize_weight; dequantized (u - zero_point) * scale"
+                + ("" if not storages else "; offsets: " + "; ".join(offsets[s] for s in storages))),
+            "zero_point_inputs": info.zero_point_inputs,
+            "offset_corrections": info.offset_corrections,
             "embedding": "Gather (float)" if emb is None else f"GatherBlockQuantized int{emb.bits} "
             + ("per row" if emb.group_size is None else f"g{emb.group_size}"),
             "head": head,

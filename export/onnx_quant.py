@@ -1,14 +1,37 @@
 """Weights for ONNX Runtime's ``MatMulNBits`` / ``GatherBlockQuantized``, computed with
-``phonekit.quant.reference`` so the file holds exactly the reference's int codes and scales.
+``phonekit.quant.reference.quantize_weight`` so the file holds exactly the reference's int
+codes, scales and offsets for the plan's weight method.
 
-Layout (both ops, ``com.microsoft`` domain): codes are unsigned with the default zero
-point ``2**(bits-1)`` (8 for int4, 128 for int8), so ``(u - zp) * scale`` equals the
-reference's ``q * scale`` for the symmetric codes ``q``. Blocks run along the input
-dimension K; int4 codes pack two per byte, the first in the low nibble.
+Layout (both ops, ``com.microsoft`` domain): codes are unsigned, ``u = q + 2**(bits-1)``
+(8 for int4, 128 for int8), and dequantize as ``(u - zp) * scale`` per block. Without a
+``zero_points`` input zp is ``2**(bits-1)``, so this is the reference's ``q * scale`` for
+the symmetric methods (sym, sym-search, hqq). Blocks run along the input dimension K;
+int4 codes pack two per byte, the first in the low nibble.
+
+Offsets (the reference's W = (q - zero) * scale, ``zero`` in signed-code units; ORT's zero
+point is ``zero + 2**(bits-1)``). What ONNX Runtime 1.32's CPU ``MatMulNBits`` accepts,
+read from its source (contrib_ops/cpu/quantization/matmul_nbits.cc) and measured:
+
+* uint8 zero points, packed like the codes ([N, ceil(k_blocks * bits / 8)], low nibble
+  first): integers only. ``asym``'s zeros are integers, so they are stored this way:
+  exact, prepacked into the fast kernels at every accuracy level, no speed cost.
+* float zero points (the scales' dtype, [N, k_blocks]): the float offsets of ``affine`` /
+  ``affine-search`` fit, and dequantize as ``u * scale - scale * zp`` (float rounding of
+  the reference). But ORT refuses them for 8-bit weights, never prepacks them, and
+  dequantizes the whole matrix to fp32 with a naive loop on *every* call before an SGEMM
+  (``ComputeBUnpacked``); ``accuracy_level=4`` is then ignored (float compute). One
+  1536x576 int4 linear at M=1 took ~1.1 ms instead of ~0.05 ms here.
+* so float offsets are stored, by default, as a *correction* (``OFFSET_CORRECTION``):
+  the codes run through ``MatMulNBits`` without zero points (fast kernels) and
+  ``C = -zero * scale`` [N, groups] (fp32, one value per (row, group) like a zero
+  point) adds ``(per-group sums of x) @ C.T``: x @ W.T = x @ (q*s).T + sums(x) @ C.T,
+  exact algebra, float rounding only. ``DecoderOptions(float_offsets="zero_points")``
+  writes native float zero points instead (int4 only).
 
 Per-output-channel int8 (``w8``, ``8da8w``, ``--quant-embedding 8w``) has no block of
 its own: the ops need a power-of-two block of at least 16, so the row's single scale
-is repeated for every block of the row, which dequantizes to the same matrix.
+(and zero point) is repeated for every block of the row, which dequantizes to the same
+matrix.
 """
 
 from __future__ import annotations
@@ -19,10 +42,16 @@ import numpy as np
 import torch
 
 from phonekit.errors import QuantError
-from phonekit.quant.reference import quantize_symmetric
+from phonekit.quant.plan import LinearPlan
+from phonekit.quant.reference import QuantizedWeight, quantize_weight
 
 MIN_BLOCK = 16
 PER_CHANNEL_BLOCKS = (256, 128, 64, 32, 16)
+# How a weight's offsets are stored (``offset_storage``).
+OFFSET_UINT8 = "uint8 zero points"
+OFFSET_FLOAT = "float zero points"
+OFFSET_CORRECTION = "correction"
+FLOAT_OFFSETS = ("correction", "zero_points")  # DecoderOptions.float_offsets
 
 
 @dataclass(frozen=True)
@@ -54,6 +83,11 @@ class NBitsLayout:
     def zero_point(self) -> int:
         return 1 << (self.bits - 1)
 
+    @property
+    def zp_u8_shape(self) -> tuple[int, int]:
+        """uint8 zero points packed like the codes, each row padded to whole bytes."""
+        return (self.n, (self.k_blocks * self.bits + 7) // 8)
+
 
 def layout_for(n: int, k: int, bits: int, group: int | None, what: str) -> NBitsLayout:
     """The block layout of a weight quantized with ``group`` (None = per output channel)."""
@@ -73,28 +107,112 @@ def layout_for(n: int, k: int, bits: int, group: int | None, what: str) -> NBits
     return NBitsLayout(n, k, bits, group)
 
 
-def pack_nbits(w: torch.Tensor, bits: int, group: int | None, what: str) -> tuple[np.ndarray, np.ndarray, NBitsLayout]:
-    """Quantize W [N, K] with the reference rules and pack it: (B uint8, scales float32, layout)."""
+def offset_storage(lp: LinearPlan, float_offsets: str = "correction") -> str | None:
+    """How ``MatMulNBits`` holds the offsets of a weight under ``lp``: None (no offsets),
+    ``OFFSET_UINT8`` (integer zeros: ``asym``), ``OFFSET_FLOAT`` or ``OFFSET_CORRECTION``."""
+    if float_offsets not in FLOAT_OFFSETS:
+        raise ValueError(f"float_offsets {float_offsets!r}: use one of {FLOAT_OFFSETS}")
+    if not lp.has_offset:
+        return None
+    if lp.method == "asym":
+        return OFFSET_UINT8
+    # ORT 1.32 refuses float zero points on 8-bit weights ("use uint8 zero points").
+    return OFFSET_FLOAT if float_offsets == "zero_points" and lp.bits == 4 else OFFSET_CORRECTION
+
+
+@dataclass
+class PackedNBits:
+    """One weight as stored: ``b`` uint8 [N, k_blocks, blob], ``scales`` float32 [N, k_blocks],
+    ``zero_points`` (ORT units, ``OFFSET_UINT8``: uint8 ``zp_u8_shape``; ``OFFSET_FLOAT``:
+    float32 [N, k_blocks]) or ``offset_t`` (``OFFSET_CORRECTION``: C.T float32 [groups, N])."""
+
+    b: np.ndarray
+    scales: np.ndarray
+    layout: NBitsLayout
+    zero_points: np.ndarray | None = None
+    offset_t: np.ndarray | None = None
+
+
+def _per_block(a: np.ndarray, lay: NBitsLayout, per_channel: bool) -> np.ndarray:
+    """[N, groups] -> [N, k_blocks]: a per-row value repeated for every block of the row."""
+    return np.repeat(a.reshape(lay.n, 1), lay.k_blocks, axis=1) if per_channel else a.reshape(lay.scales_shape)
+
+
+def _pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [N, M] values of ``bits`` bits, two per byte (low nibble first) for 4 bits."""
+    if bits == 4:
+        if u.shape[1] % 2:
+            u = np.concatenate([u, np.full((u.shape[0], 1), 8, np.uint8)], axis=1)
+        return u[:, 0::2] | (u[:, 1::2] << 4)
+    return u
+
+
+def correction_t(qw: QuantizedWeight) -> np.ndarray:
+    """C.T [groups, N] with C = -zero * scale per (row, reference group), fp32."""
+    assert qw.zero is not None
+    return np.ascontiguousarray((-(qw.zero * qw.scale)).float().numpy().T)
+
+
+def pack_nbits(w: torch.Tensor, lp: LinearPlan, what: str, storage: str | None = None) -> PackedNBits:
+    """Quantize W [N, K] with ``quantize_weight(w, lp)`` and pack it for ``MatMulNBits``.
+    ``storage``: ``offset_storage(lp, ...)`` (None = the default for ``lp``)."""
     n, k = w.shape
-    lay = layout_for(n, k, bits, group, what)
-    q, s = quantize_symmetric(w.detach(), bits, group)  # q int8 [N, K], s [N, K // (group or K)]
-    scales = s.float().numpy()
-    if group is None:
-        scales = np.repeat(scales.reshape(n, 1), lay.k_blocks, axis=1)
-    codes = (q.numpy().astype(np.int16) + lay.zero_point).astype(np.uint8)
-    del q
+    lay = layout_for(n, k, lp.bits, lp.group_size, what)
+    storage = offset_storage(lp) if storage is None else storage
+    qw = quantize_weight(w.detach(), lp)  # q int8 [N, K], scale/zero [N, K // (group or K)]
+    per_channel = lp.group_size is None
+    scales = _per_block(qw.scale.float().numpy(), lay, per_channel).astype(np.float32)
+    zp_u = None
+    out = PackedNBits(np.empty(0, np.uint8), np.ascontiguousarray(scales), lay)
+    if qw.zero is not None:
+        if storage == OFFSET_UINT8:
+            z = qw.zero.float().numpy() + lay.zero_point
+            zi = np.rint(z)
+            if not np.array_equal(z, zi) or zi.min() < 0 or zi.max() >= 1 << lp.bits:
+                raise QuantError(f"{what}: {lp.method} zero points are not integers in the code range; "
+                                 f"this is a phonekit bug, please report it")
+            zp_u = _per_block(zi.astype(np.uint8), lay, per_channel)
+            out.zero_points = np.ascontiguousarray(_pack_codes(zp_u, lp.bits).reshape(lay.zp_u8_shape))
+        elif storage == OFFSET_FLOAT:
+            z = (qw.zero.float().numpy() + lay.zero_point).astype(np.float32)
+            out.zero_points = np.ascontiguousarray(_per_block(z, lay, per_channel), dtype=np.float32)
+        elif storage == OFFSET_CORRECTION:
+            out.offset_t = correction_t(qw)
+        else:
+            raise ValueError(f"{what}: offset storage {storage!r} for a weight with offsets")
+    elif storage is not None:
+        raise ValueError(f"{what}: offset storage {storage!r} for a weight without offsets ({lp.method})")
+    codes = (qw.q.numpy().astype(np.int16) + lay.zero_point).astype(np.uint8)
+    del qw
     pad = lay.k_blocks * lay.block - k
     if pad:
-        # Padding codes equal the zero point, so they dequantize to 0.
-        codes = np.concatenate([codes, np.full((n, pad), lay.zero_point, np.uint8)], axis=1)
-    if bits == 4:
-        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    b = np.ascontiguousarray(codes.reshape(lay.b_shape))
-    return b, np.ascontiguousarray(scales.reshape(lay.scales_shape), dtype=np.float32), lay
+        # Padding codes equal their block's zero point, so they dequantize to 0.
+        fill = np.full((n, pad), lay.zero_point, np.uint8) if zp_u is None else np.repeat(zp_u[:, -1:], pad, axis=1)
+        codes = np.concatenate([codes, fill], axis=1)
+    out.b = np.ascontiguousarray(_pack_codes(codes, lp.bits).reshape(lay.b_shape))
+    return out
 
 
-def unpack_nbits(b: np.ndarray, scales: np.ndarray, lay: NBitsLayout) -> tuple[np.ndarray, np.ndarray]:
-    """The signed int codes [N, K] and the dequantized float weight [N, K] of a packed B (for checks)."""
+def unpack_zero_points(zero_points: np.ndarray | None, lay: NBitsLayout) -> np.ndarray:
+    """ORT's zero points per (row, block) as float32 [N, k_blocks] (the default when None)."""
+    if zero_points is None:
+        return np.full(lay.scales_shape, lay.zero_point, np.float32)
+    if zero_points.dtype != np.uint8:
+        return zero_points.reshape(lay.scales_shape).astype(np.float32)
+    flat = zero_points.reshape(lay.zp_u8_shape)
+    if lay.bits == 4:
+        u = np.empty((lay.n, flat.shape[1] * 2), np.uint8)
+        u[:, 0::2] = flat & 0x0F
+        u[:, 1::2] = flat >> 4
+        flat = u
+    return flat[:, : lay.k_blocks].astype(np.float32)
+
+
+def unpack_nbits(b: np.ndarray, scales: np.ndarray, lay: NBitsLayout,
+                 zero_points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The signed int codes [N, K] and the dequantized float weight [N, K] of a packed B (for
+    checks): ``(u - zp) * scale`` per block, as MatMulNBits computes it, with ``zero_points``
+    as stored (uint8 packed or float; None = the default zero point)."""
     flat = b.reshape(lay.n, -1)
     if lay.bits == 4:
         codes = np.empty((lay.n, flat.shape[1] * 2), np.uint8)
@@ -102,6 +220,12 @@ def unpack_nbits(b: np.ndarray, scales: np.ndarray, lay: NBitsLayout) -> tuple[n
         codes[:, 1::2] = flat >> 4
     else:
         codes = flat
-    q = codes[:, : lay.k].astype(np.int16) - lay.zero_point
-    per_elem = np.repeat(scales.reshape(lay.n, lay.k_blocks), lay.block, axis=1)[:, : lay.k]
-    return q.astype(np.int8), (q.astype(np.float32) * per_elem).astype(np.float32)
+    u = codes[:, : lay.k]
+    q = u.astype(np.int16) - lay.zero_point
+    per_elem = np.repeat(scales.reshape(lay.scales_shape), lay.block, axis=1)[:, : lay.k]
+    if zero_points is None:
+        deq = q.astype(np.float32) * per_elem
+    else:
+        zp = np.repeat(unpack_zero_points(zero_points, lay), lay.block, axis=1)[:, : lay.k]
+        deq = (u.astype(np.float32) - zp) * per_elem
+    return q.astype(np.int8), deq.astype(np.float32)

@@ -57,6 +57,7 @@ class Layout:
     attn_buffers: float  # [S, H * head_dim] buffers alive at the peak
     ffn_buffers: float  # [S, intermediate] buffers alive at the peak
     runtime_overhead: int  # measured, see RUNTIME_OVERHEAD
+    zero_point_bytes: float = 4.0  # one group's offset where the runtime stores zero points (float)
 
 
 # Per-runtime overhead: what the runtime itself adds to a process (kernel code pages, thread
@@ -160,6 +161,7 @@ COREML = Layout(
     score_buffers=2.0, shared_mask_buffers=1.0, model_mask=True,
     hidden_buffers=4.0, attn_buffers=0.0, ffn_buffers=2.0,
     runtime_overhead=RUNTIME_OVERHEAD["coreml"],
+    zero_point_bytes=2.0,  # fp16 offset per block, like the scales (export/coreml_quant.py)
 )
 
 LAYOUTS = {"pte": PTE_FUSED, "onnx": ONNX, "coreml": COREML}
@@ -264,8 +266,10 @@ class Estimate:
                 "exact": dict(self.exact), "notes": list(self.notes)}
 
 
-def _quant_bytes(rows: int, cols: int, bits: int, group: int | None, asymmetric: bool, lay: Layout) -> int:
-    """One quantized matrix as stored: codes, scales (+ int8 zero points), per-row extras."""
+def _quant_bytes(rows: int, cols: int, bits: int, group: int | None, offset: str | None, lay: Layout) -> int:
+    """One quantized matrix as stored: codes, scales, offsets, per-row extras. ``offset``:
+    None, "zero_point" (one per group) or "correction" (an int8 [rows, groups] linear with
+    a scale and the runtime's per-row extras of its own)."""
     codes = rows * cols * bits // 8
     if group:
         n_scales, scale_bytes = rows * (cols // group), (lay.int4_scale_bytes if bits == 4 else lay.int8_scale_bytes)
@@ -274,8 +278,16 @@ def _quant_bytes(rows: int, cols: int, bits: int, group: int | None, asymmetric:
         n_scales, scale_bytes = rows * -(-cols // block), lay.int8_scale_bytes
     else:
         n_scales, scale_bytes = rows, (lay.int4_scale_bytes if bits == 4 else lay.int8_scale_bytes)
-    zeros = n_scales if asymmetric else 0
+    zeros = 0
+    if offset == "zero_point":
+        zeros = int(n_scales * lay.zero_point_bytes)
+    elif offset == "correction":
+        zeros = rows * (cols // (group or cols)) + rows * (lay.int8_scale_bytes + lay.per_row_extra_bytes)
     return codes + n_scales * scale_bytes + zeros + rows * lay.per_row_extra_bytes
+
+
+def _offset(lp: Any) -> str | None:
+    return lp.offset if lp.has_offset else None
 
 
 def weight_components(config: Any, plan: Any, lay: Layout) -> dict[str, int]:
@@ -292,10 +304,10 @@ def weight_components(config: Any, plan: Any, lay: Layout) -> dict[str, int]:
                 if tied and lay.tied_float_head_copy:
                     head = t.rows * t.cols * lay.float_bytes
             else:
-                embedding = _quant_bytes(t.rows, t.cols, emb.bits, emb.group_size, emb.asymmetric,
+                embedding = _quant_bytes(t.rows, t.cols, emb.bits, emb.group_size, _offset(emb),
                                          replace(lay, per_row_extra_bytes=0))
                 if tied and lay.tied_quant_head_copy:
-                    head = _quant_bytes(t.rows, t.cols, emb.bits, emb.group_size, emb.asymmetric, lay)
+                    head = _quant_bytes(t.rows, t.cols, emb.bits, emb.group_size, _offset(emb), lay)
                 elif tied:  # the head multiplies by the embedding's own codes; the runtime may prepack them
                     copies += repack.get(emb.bits, 0.0) * embedding
             continue
@@ -303,7 +315,7 @@ def weight_components(config: Any, plan: Any, lay: Layout) -> dict[str, int]:
         if lp is None:
             b = t.rows * t.cols * lay.float_bytes
         else:
-            b = _quant_bytes(t.rows, t.cols, lp.bits, lp.group_size, lp.asymmetric, lay)
+            b = _quant_bytes(t.rows, t.cols, lp.bits, lp.group_size, _offset(lp), lay)
             copies += repack.get(lp.bits, 0.0) * b
             largest = max(largest, b)
         if t.name == "lm_head":

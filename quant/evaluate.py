@@ -33,7 +33,8 @@ from torch import nn
 
 from phonekit.errors import QuantError, UsageError
 from phonekit.quant.plan import QuantPlan, make_plan
-from phonekit.quant.reference import WEIGHT_METHODS, fake_quantize_model_method
+from phonekit.quant.reference import fake_quantize_model
+from phonekit.quant.schemes import WEIGHT_METHODS
 from phonekit.quant.schemes import EmbeddingScheme, Scheme, parse_embedding, parse_scheme
 
 DEFAULT_CONTEXT = 512
@@ -45,7 +46,6 @@ DEFAULT_CONTEXT = 512
 DEFAULT_MAX_TOKENS = 8192
 EVAL_TEXT = "eval_text.txt"
 BACKENDS = ("reference", "torchao")
-TORCHAO_METHODS = ("sym", "asym", "hqq")  # weight roundings torchao's quantize_ can express
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [S] -> logits [S, V]
 
@@ -238,12 +238,16 @@ class Variant:
     text: str
     scheme: Scheme
     embedding: EmbeddingScheme
-    method: str = "sym"
+    method: str | None = None  # None = the scheme's default weight rounding
     explicit_embedding: bool = False  # emb= given in the options (shown in the label)
 
     @property
+    def weight_method(self) -> str | None:
+        return None if self.scheme.is_float else (self.method or self.scheme.weight_method)
+
+    @property
     def label(self) -> str:
-        parts = [] if self.method == "sym" else [self.method]
+        parts = [] if self.method is None else [self.method]
         if self.explicit_embedding:
             parts.append(f"emb={self.embedding.name}")
         return self.scheme.name + (":" + ",".join(parts) if parts else "")
@@ -253,7 +257,7 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     base, _, opts = text.strip().partition(":")
     scheme = parse_scheme(base)
     emb = parse_embedding(default_embedding)
-    method = "sym"
+    method = None
     explicit = False
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
@@ -265,7 +269,7 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
                              f"({', '.join(WEIGHT_METHODS)}) or emb=auto|none|8w|4w, e.g. 8da4w:affine,emb=8w")
-    if method != "sym" and scheme.is_float and emb.bits is None:
+    if method is not None and scheme.is_float:
         raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
     return Variant(text, scheme, emb, method, explicit)
 
@@ -280,75 +284,38 @@ def detached_copy(model: nn.Module) -> nn.Module:
         model.caches = saved
 
 
-def plan_for(model: nn.Module, variant: Variant) -> QuantPlan:
-    plan = make_plan(model, variant.scheme, variant.embedding, None)
-    if variant.method == "asym":
-        # The plan's own record of zero points, so torchao and the summary see them too.
-        plan.linears = {n: replace(lp, asymmetric=True) for n, lp in plan.linears.items()}
-        if plan.embedding is not None:
-            plan.embedding = replace(plan.embedding, asymmetric=True)
-    if variant.method != "sym":
-        plan.notes.append(f"weights rounded with {variant.method} (phonekit eval research variant)")
-    return plan
+def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> QuantPlan:
+    """The plan ``phonekit export --format fmt`` would apply (``fmt`` None: the format-free
+    meaning: exact float offsets, fp32 scales)."""
+    scheme = variant.scheme if variant.method is None else replace(variant.scheme, method=variant.method)
+    return make_plan(model, scheme, variant.embedding, fmt)
 
 
 @torch.no_grad()
-def quantized_model(model: nn.Module, variant: Variant, backend: str = "reference") -> tuple[nn.Module, QuantPlan]:
-    """A quantized copy of ``model`` (``model`` is left as it is)."""
-    check_backend(variant, backend)
+def quantized_model(model: nn.Module, variant: Variant, backend: str = "reference",
+                    fmt: str | None = None) -> tuple[nn.Module, QuantPlan]:
+    """A quantized copy of ``model`` (``model`` is left as it is). ``backend`` torchao is
+    the eager model ExecuTorch lowers, so its plan is the .pte's."""
+    check_backend(backend, fmt)
     m = detached_copy(model)
-    plan = plan_for(m, variant)
+    plan = plan_for(m, variant, "pte" if backend == "torchao" else fmt)
     if variant.scheme.base == "fp16":
         # fp16 storage: weights rounded to half, arithmetic kept in fp32 (CPU half matmuls are slow
         # and phones compute fp16 models with fp32 accumulation anyway).
         for p in m.parameters():
             p.data = p.data.half().float()
     if backend == "reference":
-        return fake_quantize_model_method(m, plan, variant.method), plan
-    return apply_torchao(m, plan, variant.method), plan
-
-
-def check_backend(variant: Variant, backend: str) -> None:
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if backend == "torchao" and variant.method not in TORCHAO_METHODS:
-        raise QuantError(f"--quant {variant.text}: weight method {variant.method!r} has no torchao counterpart; use "
-                         f"--backend reference (torchao offers {', '.join(TORCHAO_METHODS)})")
-
-
-def apply_torchao(model: nn.Module, plan: QuantPlan, method: str) -> nn.Module:
-    """torchao's eager quantization (the tensor subclasses ExecuTorch lowers): ``sym`` and
-    ``asym`` through the shared ``apply_plan``; ``hqq`` through torchao's
-    ``intx_choose_qparams_algorithm="hqq_scale_only"``."""
+        return fake_quantize_model(m, plan), plan
     from phonekit.quant.torchao_apply import apply_plan
 
-    if method in ("sym", "asym"):
-        return apply_plan(model, plan)
-    if method != "hqq":
-        raise QuantError(f"weight method {method!r} has no torchao counterpart; use --backend reference "
-                         f"(torchao offers {', '.join(TORCHAO_METHODS)})")
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import IntxChooseQParamsAlgorithm
+    return apply_plan(m, plan), plan
 
-    hqq = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY
 
-    def config(bits: int, group: int | None, dyn: bool):  # noqa: ANN202 - torchao config
-        dtype = {8: torch.int8, 4: torch.int4}[bits]
-        gran = PerAxis(0) if group is None else PerGroup(group)
-        if dyn:
-            return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=gran,
-                                                         intx_choose_qparams_algorithm=hqq)
-        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=gran, intx_choose_qparams_algorithm=hqq)
-
-    if plan.embedding is not None:
-        e = plan.embedding
-        quantize_(model, config(e.bits, e.group_size, False), filter_fn=lambda m, fqn: fqn == "embed_tokens")
-        if plan.head_tied_to_embedding:
-            quantize_(model, config(e.bits, e.group_size, plan.head_dynamic_act), filter_fn=lambda m, fqn: fqn == "lm_head")
-    for name, lp in plan.linears.items():
-        quantize_(model, config(lp.bits, lp.group_size, lp.dynamic_act), filter_fn=lambda m, fqn, n=name: fqn == n)
-    return model
+def check_backend(backend: str, fmt: str | None = None) -> None:
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "torchao" and fmt not in (None, "pte"):
+        raise UsageError(f"--backend torchao is the eager model of the .pte; drop --format {fmt} or use --backend reference")
 
 
 @dataclass
@@ -361,13 +328,13 @@ class VariantResult:
     def as_dict(self) -> dict[str, Any]:
         v = self.variant
         # The plan's embedding scheme is the resolved one (``auto`` becomes 8w or none per model).
-        return {"scheme": v.scheme.name, "variant": v.label, "weights": v.method, "embedding": self.plan.embedding_scheme.name,
+        return {"scheme": v.scheme.name, "variant": v.label, "weights": v.weight_method or "float", "embedding": self.plan.embedding_scheme.name,
                 "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary()}
 
 
 def evaluate_variant(model: nn.Module, variant: Variant, ref: FloatReference, backend: str = "reference",
-                     on_window: Callable[[int], Any] | None = None) -> VariantResult:
-    qm, plan = quantized_model(model, variant, backend)
+                     on_window: Callable[[int], Any] | None = None, fmt: str | None = None) -> VariantResult:
+    qm, plan = quantized_model(model, variant, backend, fmt)
     try:
         cmp = evaluate_fn(model_logits_fn(qm), ref, on_window)
     finally:

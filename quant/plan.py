@@ -12,22 +12,42 @@ from typing import Any
 from torch import nn
 
 from phonekit.errors import QuantError
-from phonekit.quant.schemes import EmbeddingScheme, Scheme, check_groups
+from phonekit.quant.schemes import OFFSET_METHODS, EmbeddingScheme, Scheme, check_groups
 
 # Linears that are used as raw weights (PLM's absorbed kv_b_proj is split per head
 # into W_UK / W_UV), so a module-swapping quantizer cannot take them.
 RAW_WEIGHT_LINEARS = ("kv_b_proj",)
 
 
+# What a format computes for the per-group offset of an offset method (asym, affine*):
+# "zero_point" = the exact float offsets (Core ML blockwise offsets; ONNX stores them as
+# native uint8 zero points where they are integers, else as an fp32 correction term,
+# which equals them to float rounding); "correction" = for XNNPACK, which ignores zero
+# points: the int4 product with the codes plus a small int8 linear over the per-group
+# means of x (quant.reference.CorrectedLinear).
+OFFSET_STORAGE = {"pte": "correction", "onnx": "zero_point", "coreml": "zero_point"}
+
+
 @dataclass(frozen=True)
 class LinearPlan:
     bits: int
     group_size: int | None  # None = per output channel
-    asymmetric: bool = False
+    method: str = "sym"  # weight rounding, quant.schemes.WEIGHT_METHODS
     dynamic_act: bool = False
     # XNNPACK stores group-wise (blockwise int4) scales as bfloat16; the plan says so,
     # so the reference and the eager model compute with the scales the artifact holds.
     scale_bf16: bool = False
+    offset: str = "zero_point"  # OFFSET_STORAGE; only read when has_offset
+
+    @property
+    def has_offset(self) -> bool:
+        return self.method in OFFSET_METHODS
+
+    def describe(self) -> str:
+        text = f"int{self.bits} " + ("per-channel" if self.group_size is None else f"g{self.group_size}") + f" {self.method}"
+        if self.has_offset:
+            text += " (offsets as an int8 correction linear)" if self.offset == "correction" else " (exact float offsets)"
+        return text + (" bf16 scales" if self.scale_bf16 else "") + (" + int8 per-token act" if self.dynamic_act else "")
 
 
 @dataclass
@@ -40,15 +60,14 @@ class QuantPlan:
     head_dynamic_act: bool = False
     kept_float: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # GGUF source grids the plan keeps (quant.source_grid), filled in by the export.
+    source_grid: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The manifest's record of what was applied."""
         groups: dict[str, list[str]] = {}
         for name, lp in self.linears.items():
-            key = f"int{lp.bits} " + ("per-channel" if lp.group_size is None else f"g{lp.group_size}") + (
-                " asym" if lp.asymmetric else " sym") + (" bf16 scales" if lp.scale_bf16 else "") + (
-                " + int8 per-token act" if lp.dynamic_act else "")
-            groups.setdefault(key, []).append(name)
+            groups.setdefault(lp.describe(), []).append(name)
         return {
             **self.scheme.describe(),
             "embedding": None if self.embedding is None else asdict(self.embedding),
@@ -58,6 +77,7 @@ class QuantPlan:
             "linear_groups": {k: len(v) for k, v in groups.items()},
             "kept_float": list(self.kept_float),
             "notes": list(self.notes),
+            **({"source_grid": self.source_grid} if self.source_grid else {}),
         }
 
 
@@ -85,8 +105,10 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     quant = {n: m for n, m in lins.items() if n not in raw}
     check_groups(scheme, {n: m.in_features for n, m in quant.items()})
     bf16 = fmt == "pte" and scheme.group_size is not None
+    lp = LinearPlan(scheme.weight_bits, scheme.group_size, method=scheme.weight_method, dynamic_act=scheme.dynamic_act,
+                    scale_bf16=bf16, offset=OFFSET_STORAGE.get(fmt or "", "zero_point"))
     for n in quant:
-        plan.linears[n] = LinearPlan(scheme.weight_bits, scheme.group_size, False, scheme.dynamic_act, bf16)
+        plan.linears[n] = lp
     for n in sorted(raw):
         plan.kept_float.append(n)
     if raw:
@@ -101,7 +123,7 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     if not tied:
         head = model.lm_head
         if scheme.group_size is None or head.in_features % scheme.group_size == 0:
-            plan.linears["lm_head"] = LinearPlan(scheme.weight_bits, scheme.group_size, False, scheme.dynamic_act, bf16)
+            plan.linears["lm_head"] = lp
         else:
             plan.kept_float.append("lm_head")
     elif emb.bits is None:

@@ -12,11 +12,16 @@ on .5, e.g. the negative extreme of a symmetric group).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phonekit.quant.plan import QuantPlan
+from phonekit.quant.plan import LinearPlan, QuantPlan
+from phonekit.quant.schemes import WEIGHT_METHODS
 
 INT_RANGE = {8: (-128, 127), 4: (-8, 7)}
 
@@ -95,6 +100,131 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class CorrectedLinear(nn.Module):
+    """y = main(x) + corr(group means of x): an offset-method weight on a runtime that
+    ignores zero points (XNNPACK). With W = (Q - Z) * S per (row, group) and C = -Z * S,
+
+        x @ W.T = x @ (Q * S).T + sum_g (sum_{i in g} x_i) C[:, g]
+                = main(x)        + means(x) @ (group * C).T
+
+    ``main`` holds the codes Q with scales S (a symmetric-style int4 linear); ``corr`` is
+    a [out, G] linear, quantized int8 per row and run with int8 per-token activations
+    like any 8da8w linear; ``avg`` [G, in] averages each group (a linear, so the whole
+    path is plain matmuls that XNNPACK delegates). The reference and the .pte use this
+    same module with different linears inside."""
+
+    def __init__(self, main: nn.Module, corr: nn.Module, avg: torch.Tensor) -> None:
+        super().__init__()
+        self.main = main
+        self.corr = corr
+        # Shared by every layer of the same width (group_average_matrix), so the program holds it once.
+        self.register_buffer("avg", avg, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + self.corr(F.linear(x, self.avg))
+
+
+_AVG: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def group_average_matrix(in_features: int, group: int) -> torch.Tensor:
+    """[in/group, in] with 1/group inside each group's block; one tensor per shape so every
+    layer of the model shares it (torch.export then stores one constant)."""
+    key = (in_features, group)
+    if key not in _AVG:
+        _AVG[key] = torch.kron(torch.eye(in_features // group), torch.full((1, group), 1.0 / group))
+    return _AVG[key]
+
+
+@dataclass
+class QuantizedWeight:
+    """W ~= (q - zero) * scale per (row, group). ``q`` int8 [out, in] in the signed range of
+    ``bits``; ``scale`` [out, groups] (bf16-rounded when the plan says so); ``zero`` float
+    [out, groups] or None (symmetric)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int | None
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.zero)
+
+    def codes_only(self) -> torch.Tensor:
+        """Q * S: what a runtime that ignores zero points computes with."""
+        return dequantize(self.q, self.scale, None)
+
+    def correction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The correction linear's weight, int8 per row: (codes [out, G], scales [out, 1]).
+        It multiplies the group means, so it is group * C with C = -zero * scale."""
+        assert self.zero is not None
+        g = self.q.shape[1] // self.scale.shape[1]
+        return quantize_symmetric(-(self.zero * self.scale) * g, 8, None)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The searches run ~40 small elementwise passes per candidate over row blocks; with 2
+    intra-op threads on a loaded 2-core machine one 1536x576 weight took 25 s instead of
+    0.09 s (synchronization, not work), so they run single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def quantize_weight(w: torch.Tensor, lp: LinearPlan) -> QuantizedWeight:
+    """The codes, scales and offsets every artifact stores for weight W [out, in] under ``lp``."""
+    if lp.method in ("sym-search", "affine-search", "hqq"):
+        with _one_thread():
+            return _quantize_weight(w, lp)
+    return _quantize_weight(w, lp)
+
+
+def _quantize_weight(w: torch.Tensor, lp: LinearPlan) -> QuantizedWeight:
+    m = lp.method
+    if m == "sym":
+        (q, s), z = quantize_symmetric(w, lp.bits, lp.group_size), None
+    elif m == "asym":
+        q, s, z = quantize_asymmetric(w, lp.bits, lp.group_size)
+    elif m == "affine":
+        q, s, z = quantize_affine(w, lp.bits, lp.group_size)
+    elif m == "affine-search":
+        q, s, z = quantize_affine_search(w, lp.bits, lp.group_size)
+    elif m == "sym-search":
+        (q, s), z = quantize_symmetric_search(w, lp.bits, lp.group_size), None
+    elif m == "hqq":
+        (q, s), z = quantize_symmetric_hqq(w, lp.bits, lp.group_size), None
+    else:
+        raise ValueError(f"unknown weight method {m!r}; use one of {', '.join(WEIGHT_METHODS)}")
+    s = s.reshape(w.shape[0], -1).float()
+    if z is not None:
+        z = z.reshape(w.shape[0], -1).float()
+        if lp.offset == "correction":
+            # The correction carries the offset as -zero * scale from the fp32 scale; the
+            # codes' scale may be rounded below without moving the offset.
+            z = z * s
+    if lp.scale_bf16:
+        s = s.to(torch.bfloat16).float()
+    if z is not None and lp.offset == "correction":
+        z = z / s  # back to "zero" units of the stored scale, so dequantize() stays (q - zero) * scale
+    return QuantizedWeight(q, s, z, lp.bits, lp.group_size)
+
+
+def reference_linear(w: torch.Tensor, lp: LinearPlan) -> nn.Module:
+    """The reference module of one planned linear."""
+    qw = quantize_weight(w, lp)
+    if qw.zero is not None and lp.offset == "correction":
+        cq, cs = qw.correction()
+        corr = FakeQuantLinear(dequantize(cq, cs).to(w.dtype), True)
+        avg = group_average_matrix(w.shape[1], lp.group_size or w.shape[1])
+        return CorrectedLinear(FakeQuantLinear(qw.codes_only().to(w.dtype), lp.dynamic_act), corr, avg)
+    return FakeQuantLinear(qw.dequantize().to(w.dtype), lp.dynamic_act)
+
+
 class FakeQuantEmbedding(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -113,13 +243,10 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 def fake_quantize_model(model: nn.Module, plan: QuantPlan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place with reference fake quantization."""
     for name, lp in plan.linears.items():
-        lin = model.get_submodule(name)
-        w = fake_quant_weight(lin.weight.data, lp.bits, lp.group_size, lp.asymmetric, lp.scale_bf16)
-        _set(model, name, FakeQuantLinear(w, lp.dynamic_act))
+        _set(model, name, reference_linear(model.get_submodule(name).weight.data, lp))
     if plan.embedding is not None:
         emb = model.embed_tokens
-        e = plan.embedding
-        w = fake_quant_weight(emb.weight.data, e.bits, e.group_size, e.asymmetric, e.scale_bf16)
+        w = quantize_weight(emb.weight.data, plan.embedding).dequantize().to(emb.weight.dtype)
         model.embed_tokens = FakeQuantEmbedding(w)
         if plan.head_tied_to_embedding:
             # The tied head reads the same (quantized) matrix; activations stay float for the head
@@ -133,8 +260,6 @@ def fake_quantize_model(model: nn.Module, plan: QuantPlan) -> nn.Module:
 # above: W ~= (q - zero) * scale per (row, group), ``zero`` None for symmetric variants
 # and a *float* for the affine ones (a per-group offset that is not a multiple of the
 # scale, as in GGUF's Q4_1 ``d * q + m``; an integer zero point cannot hold it).
-
-WEIGHT_METHODS = ("sym", "asym", "affine", "sym-search", "affine-search", "hqq")
 
 
 def _groups(w: torch.Tensor, group: int | None) -> torch.Tensor:
@@ -272,35 +397,5 @@ def quantize_symmetric_hqq(w: torch.Tensor, bits: int, group: int | None, iters:
 
 
 def fake_quant_weight_method(w: torch.Tensor, bits: int, group: int | None, method: str = "sym") -> torch.Tensor:
-    """Quantize-dequantize round trip of W with one of ``WEIGHT_METHODS``."""
-    if method == "sym":
-        return fake_quant_weight(w, bits, group, False)
-    if method == "asym":
-        return fake_quant_weight(w, bits, group, True)
-    if method == "affine":
-        q, s, z = quantize_affine(w, bits, group)
-    elif method == "affine-search":
-        q, s, z = quantize_affine_search(w, bits, group)
-    elif method == "sym-search":
-        (q, s), z = quantize_symmetric_search(w, bits, group), None
-    elif method == "hqq":
-        (q, s), z = quantize_symmetric_hqq(w, bits, group), None
-    else:
-        raise ValueError(f"unknown weight method {method!r}; use one of {', '.join(WEIGHT_METHODS)}")
-    return dequantize(q, s, z).to(w.dtype)
-
-
-@torch.no_grad()
-def fake_quantize_model_method(model: nn.Module, plan: QuantPlan, method: str = "sym") -> nn.Module:
-    """``fake_quantize_model`` with every quantized weight (linears, and the embedding with
-    its tied head) rounded by ``method`` instead of the plan's min/max choice."""
-    for name, lp in plan.linears.items():
-        lin = model.get_submodule(name)
-        w = fake_quant_weight_method(lin.weight.data, lp.bits, lp.group_size, method)
-        _set(model, name, FakeQuantLinear(w, lp.dynamic_act))
-    if plan.embedding is not None:
-        w = fake_quant_weight_method(model.embed_tokens.weight.data, plan.embedding.bits, plan.embedding.group_size, method)
-        model.embed_tokens = FakeQuantEmbedding(w)
-        if plan.head_tied_to_embedding:
-            model.lm_head = FakeQuantLinear(w, plan.head_dynamic_act)
-    return model
+    """Quantize-dequantize round trip of W with one of ``WEIGHT_METHODS`` (exact offsets)."""
+    return quantize_weight(w, LinearPlan(bits, group, method=method)).dequantize().to(w.dtype)

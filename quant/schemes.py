@@ -25,13 +25,32 @@ from phonekit.errors import QuantError
 DEFAULT_GROUP = 32
 WEIGHT_SCHEMES = ("fp32", "fp16", "w8", "w4", "8da8w", "8da4w")
 EMBEDDING_SCHEMES = ("none", "8w", "4w")
-_RE = re.compile(r"^(fp32|fp16|w8|w4|8da8w|8da4w)(?:-g(\d+))?$")
+_RE = re.compile(r"^(fp32|fp16|w8|w4|8da8w|8da4w)(?:-g(\d+))?(?::([a-z-]+))?$")
+
+# How quantized weights are rounded (the meaning of each is in ``quant.reference``):
+# sym = symmetric min/max (torchao's default, scale = max|w| / 7.5 for int4);
+# sym-search / hqq = symmetric with an error-minimizing scale per group;
+# asym = integer zero point per group; affine = float offset per group (min/max);
+# affine-search = float offset with scale and offset fitted by least squares.
+WEIGHT_METHODS = ("sym", "asym", "affine", "sym-search", "affine-search", "hqq")
+OFFSET_METHODS = ("asym", "affine", "affine-search")
+# What ``--quant 8da4w`` means without ``:METHOD``: the method every format runs correctly
+# that measured best on the demo (README, "Quantization quality").
+DEFAULT_METHOD = {4: "affine-search", 8: "sym"}
 
 
 @dataclass(frozen=True)
 class Scheme:
     base: str  # one of WEIGHT_SCHEMES
     group_size: int | None  # int4 groups; None for per-channel int8 and float
+    method: str | None = None  # weight rounding (WEIGHT_METHODS); None = DEFAULT_METHOD
+
+    @property
+    def weight_method(self) -> str | None:
+        """The weight rounding actually used (None for float schemes)."""
+        if self.is_float:
+            return None
+        return self.method or DEFAULT_METHOD[self.weight_bits]
 
     @property
     def name(self) -> str:
@@ -55,26 +74,54 @@ class Scheme:
         return "fp16" if self.base == "fp16" else "fp32"
 
     def describe(self) -> dict[str, Any]:
+        m = self.weight_method
         w = "float" if self.is_float else (
-            "int8 per output channel, symmetric" if self.weight_bits == 8 else f"int4 groups of {self.group_size}, symmetric")
+            ("int8 per output channel" if self.weight_bits == 8 else f"int4 groups of {self.group_size}")
+            + ", " + METHOD_WORDS[m])
         a = "int8 per token, dynamic min/max (asymmetric)" if self.dynamic_act else "float"
-        return {"scheme": self.name, "weights": w, "activations": a, "weight_bits": self.weight_bits,
+        return {"scheme": self.name, "weights": w, "weight_method": m, "activations": a, "weight_bits": self.weight_bits,
                 "group_size": self.group_size, "dynamic_activations": self.dynamic_act}
+
+    @property
+    def label(self) -> str:
+        """The name with an explicitly chosen weight method, as the user wrote it (8da4w-g32:sym)."""
+        return self.name + (f":{self.method}" if self.method else "")
+
+
+METHOD_WORDS = {
+    "sym": "symmetric (min/max scale)",
+    "sym-search": "symmetric, error-minimizing scale per group",
+    "hqq": "symmetric, HQQ scale per group",
+    "asym": "integer zero point per group (min/max)",
+    "affine": "float offset per group (min/max)",
+    "affine-search": "float offset per group, scale and offset fitted by least squares",
+}
 
 
 def parse_scheme(text: str) -> Scheme:
     m = _RE.match(text.strip().lower())
     if not m:
         raise QuantError(
-            f"--quant {text!r}: unknown scheme; use one of fp32, fp16, w8, w4, w4-g64, 8da8w, 8da4w, 8da4w-g64 (groups: -gN)"
+            f"--quant {text!r}: unknown scheme; use one of fp32, fp16, w8, w4, w4-g64, 8da8w, 8da4w, 8da4w-g64 "
+            f"(groups: -gN; weight rounding: :METHOD, e.g. 8da4w:sym)"
         )
-    base, g = m.group(1), m.group(2)
+    base, g, method = m.group(1), m.group(2), m.group(3)
+    if method is not None and method not in WEIGHT_METHODS:
+        raise QuantError(f"--quant {text!r}: unknown weight rounding {method!r}; use one of {', '.join(WEIGHT_METHODS)}")
+    if method is not None and base in ("fp32", "fp16"):
+        raise QuantError(f"--quant {text!r}: {base} has no quantized weights to round; drop :{method}")
     if g is not None and base not in ("w4", "8da4w"):
         raise QuantError(f"--quant {text!r}: a group size applies to the 4-bit schemes only (w4-gN, 8da4w-gN)")
     group = int(g) if g is not None else (DEFAULT_GROUP if base in ("w4", "8da4w") else None)
     if group is not None and (group < 8 or group & (group - 1)):
         raise QuantError(f"--quant {text!r}: group size {group} must be a power of two >= 8 (32, 64, 128, ...)")
-    return Scheme(base, group)
+    return Scheme(base, group, method)
+
+
+def scheme_from_manifest(quantization: dict[str, Any]) -> Scheme:
+    """The scheme a bundle was exported with, from its manifest's ``quantization`` record."""
+    method = quantization.get("weight_method")
+    return parse_scheme(quantization["scheme"] + (f":{method}" if method else ""))
 
 
 @dataclass(frozen=True)

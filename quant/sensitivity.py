@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from phonekit.errors import UsageError
 from phonekit.quant.evaluate import Comparison, FloatReference, WindowScores, compare, model_logits_fn, score
 from phonekit.quant.plan import LinearPlan, QuantPlan
-from phonekit.quant.reference import FakeQuantEmbedding, FakeQuantLinear, fake_quant_weight_method
+from phonekit.quant.reference import FakeQuantEmbedding, FakeQuantLinear, fake_quant_weight_method, reference_linear
 
 GRANULARITIES = ("type", "block", "linear")
 TIED = "embed_tokens+lm_head (tied)"
@@ -150,8 +150,7 @@ def sensitivity(model: nn.Module, plan: QuantPlan, ref: FloatReference, lp: Line
                     continue
                 else:
                     lin = model.get_submodule(name)
-                    wq = fake_quant_weight_method(lin.weight.data, lp.bits, lp.group_size, method)
-                    saved[name] = _swap(model, name, FakeQuantLinear(wq, lp.dynamic_act))
+                    saved[name] = _swap(model, name, reference_linear(lin.weight.data, replace(lp, method=method)))
             start = first_block(names)
             t0 = time.perf_counter()
             scores = WindowScores()

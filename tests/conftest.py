@@ -146,11 +146,18 @@ def demo_pte_bundle(tmp_path_factory) -> Path:
     return _export_demo(tmp_path_factory, "pte", "8da4w")
 
 
+@pytest.fixture(scope="session")
+def demo_pte_fp32_bundle(tmp_path_factory) -> Path:
+    """The demo model as an fp32 .pte (context 256), for token-exact runner checks."""
+    return _export_demo(tmp_path_factory, "pte", "fp32")
+
+
 def plan_from_manifest(model, manifest: dict, fmt: str):
     """The QuantPlan an artifact was exported with, rebuilt from its manifest."""
-    from phonekit.quant import make_plan, parse_embedding, parse_scheme
+    from phonekit.quant import make_plan, parse_embedding
+    from phonekit.quant.schemes import scheme_from_manifest
 
     q = manifest["quantization"]
     emb = q.get("embedding") or {}
     bits = emb.get("bits")
-    return make_plan(model, parse_scheme(q["scheme"]), parse_embedding(f"{bits}w" if bits else "none"), fmt)
+    return make_plan(model, scheme_from_manifest(q), parse_embedding(f"{bits}w" if bits else "none"), fmt)

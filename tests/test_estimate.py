@@ -56,7 +56,7 @@ def test_mobilellm_125m_kv_cache_and_layer_sharing() -> None:
 
 
 def test_mobilellm_125m_8da4w_weights_on_each_backend() -> None:
-    args, plan = plan_for("mobilellm-125m", "8da4w", "pte")
+    args, plan = plan_for("mobilellm-125m", "8da4w:sym", "pte")
     lin = 30 * PER_LAYER_LINEAR_PARAMS  # 106,168,320 int4 weights in groups of 32
     rows = 30 * PER_LAYER_ROWS  # 155,520 output channels
     # pte (XNNPACK qb4w): 2 codes per byte + a bf16 scale per group + fp32 per-channel term;
@@ -68,13 +68,13 @@ def test_mobilellm_125m_8da4w_weights_on_each_backend() -> None:
     # onnx (MatMulNBits): 2 codes per byte + an fp32 scale per block, and ONNX Runtime's MLAS
     # prepacking keeps ~0.85 more bytes per int4 byte; the float tied head is a Gemm on the
     # embedding whose B the session prepacks: a second fp32 matrix.
-    _, plan = plan_for("mobilellm-125m", "8da4w", "onnx")
+    _, plan = plan_for("mobilellm-125m", "8da4w:sym", "onnx")
     e = estimate(args, plan, 2048, "onnx", tokenizer_bytes=0)
     assert e.components["weights"] == lin // 2 + (lin // 32) * 4 + NORMS * 4 == 66_495_744
     assert e.components["runtime_copies"] == int(0.85 * (lin // 2 + (lin // 32) * 4)) == 56_401_920
     assert (e.components["embedding"], e.components["head"]) == (73_728_000, 73_728_000)
     # coreml w4: 2 codes per byte + an fp16 scale per block; fp16 norms and embedding, head shared.
-    _, plan = plan_for("mobilellm-125m", "w4", "coreml")
+    _, plan = plan_for("mobilellm-125m", "w4:sym", "coreml")
     e = estimate(args, plan, 2048, "coreml", tokenizer_bytes=0)
     assert e.components["weights"] == lin // 2 + (lin // 32) * 2 + NORMS * 2 == 59_789_952
     assert (e.components["embedding"], e.components["head"]) == (36_864_000, 0)
@@ -112,7 +112,7 @@ def test_plm_latent_cache_vs_decompressed() -> None:
     assert kv_values_per_token(args, "decompressed") == 5120
     assert kv_cache_bytes(args, 4096, 2) == 4096 * 32 * 576 * 2 == 150_994_944  # 144 MiB, fp16
     assert kv_cache_bytes(args, 4096, 2, "decompressed") == 4096 * 32 * 5120 * 2 == 1_342_177_280  # 1.25 GiB
-    _, plan = plan_for("plm-1.8b", "w4", "coreml")
+    _, plan = plan_for("plm-1.8b", "w4:sym", "coreml")
     lat = estimate(args, plan, 4096, "coreml", tokenizer_bytes=0)
     dec = estimate(args, plan, 4096, "coreml", tokenizer_bytes=0, mla_cache="decompressed")
     assert lat.components["kv_cache"] == 150_994_944 and dec.components["kv_cache"] == 1_342_177_280
@@ -122,6 +122,23 @@ def test_plm_latent_cache_vs_decompressed() -> None:
     lin = 32 * (2048 * 16 * 192 + 2048 * 576 + 16 * 128 * 2048 + 2 * 2048 * 8192)  # q, kv_a, o, up, down
     norms = 32 * (2048 + 512 + 2048) + 2048
     assert lat.components["weights"] == lin // 2 + (lin // 32) * 2 + float_kvb + norms * 2
+
+
+def test_offsets_of_the_default_4bit_rounding_on_each_backend() -> None:
+    """affine-search (the 4-bit default) adds its offsets as each format stores them: the
+    .pte an int8 [out, groups] correction linear with an fp32 scale and XNNPACK's per-channel
+    term per row; ONNX an fp32 value per group; Core ML an fp16 offset per block."""
+    lin, rows = 30 * PER_LAYER_LINEAR_PARAMS, 30 * PER_LAYER_ROWS
+    args, plan = plan_for("mobilellm-125m", "8da4w", "pte")
+    assert {lp.method for lp in plan.linears.values()} == {"affine-search"}
+    e = estimate(args, plan, 2048, "pte", tokenizer_bytes=0)
+    assert e.components["weights"] == lin // 2 + (lin // 32) * 2 + rows * 4 + NORMS * 4 + lin // 32 + rows * 8
+    _, plan = plan_for("mobilellm-125m", "8da4w", "onnx")
+    e = estimate(args, plan, 2048, "onnx", tokenizer_bytes=0)
+    assert e.components["weights"] == lin // 2 + (lin // 32) * 8 + NORMS * 4
+    _, plan = plan_for("mobilellm-125m", "w4", "coreml")
+    e = estimate(args, plan, 2048, "coreml", tokenizer_bytes=0)
+    assert e.components["weights"] == lin // 2 + (lin // 32) * 4 + NORMS * 2
 
 
 def test_components_total_tokenizer_and_runtime() -> None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -177,26 +178,53 @@ def test_hqq_reference_matches_torchao_code_for_code():
         assert torch.equal(qt.to(torch.int8), q) and torch.equal(st, s)
 
 
-def test_method_sym_is_the_schemes_own_reference():
+def test_explicit_sym_is_the_plain_min_max_reference():
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(R.fake_quant_weight_method(w, 4, 32, "sym"), R.fake_quant_weight(w, 4, 32))
     lm = make_tiny_lm("mobilellm", seed=5)
-    plan = make_plan(lm.model, parse_scheme("8da4w"), parse_embedding("4w"))
-    a = R.fake_quantize_model(detached_copy(lm.model), plan)
-    b = R.fake_quantize_model_method(detached_copy(lm.model), plan, "sym")
-    x = torch.randint(3, 320, (1, 12))
-    assert torch.equal(model_logits_fn(a)(x[0]), model_logits_fn(b)(x[0]))
+    plan = make_plan(lm.model, parse_scheme("8da4w:sym"), parse_embedding("4w"))
+    assert {lp.method for lp in plan.linears.values()} == {"sym"} and plan.embedding.method == "sym"
+    m = R.fake_quantize_model(detached_copy(lm.model), plan)
+    name, lp = next(iter(plan.linears.items()))
+    assert torch.equal(m.get_submodule(name).weight, R.fake_quant_weight(lm.model.get_submodule(name).weight, 4, 32))
 
 
-@pytest.mark.parametrize("variant", ["8da4w", "8da8w:emb=8w", "w4:asym", "8da4w:hqq"])
+def test_offset_correction_computes_the_affine_weights_up_to_int8_rounding():
+    """XNNPACK ignores zero points, so a .pte plan carries the offsets as a correction
+    linear over the group means. Without rounding it is exactly the affine product; with
+    the int8 correction it stays within a small fraction of the 4-bit error."""
+    w = _q41_grid(rows=64, groups=6)
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(3))
+    exact = x @ w.T
+    lp = LinearPlan(4, 32, method="affine", dynamic_act=False, offset="correction")
+    qw = R.quantize_weight(w, lp)
+    assert (qw.dequantize() - w).abs().max() < 1e-6  # the stored numbers still mean the Q4_1 grid
+    avg = R.group_average_matrix(192, 32)
+    means = x @ avg.T
+    assert torch.allclose(means * 32, x.reshape(5, 6, 32).sum(-1), atol=1e-5)
+    c = -(qw.zero * qw.scale) * 32
+    assert (x @ qw.codes_only().T + means @ c.T - exact).abs().max() < 1e-4 * exact.abs().max()
+    got = R.reference_linear(w, lp)(x)
+    assert isinstance(R.reference_linear(w, lp), R.CorrectedLinear)
+    sym = x @ R.fake_quant_weight(w, 4, 32).T
+    rel = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert rel(got) < 0.1 * rel(sym) and rel(got) < 1e-2, (rel(got), rel(sym))
+    # bf16 scales (XNNPACK) keep the codes and move the rounding into the scale only
+    qb = R.quantize_weight(w, replace(lp, scale_bf16=True))
+    assert torch.equal(qb.q, qw.q) and torch.equal(qb.scale, qw.scale.to(torch.bfloat16).float())
+    assert torch.allclose(qb.zero * qb.scale, qw.zero * qw.scale, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["8da4w:sym", "8da8w:emb=8w", "8da4w:asym", "8da4w:hqq", "8da4w:affine-search"])
 def test_torchao_backend_matches_the_reference(variant):
     lm = make_tiny_lm("mobilellm", seed=6)
     v = parse_variant(variant)
-    ref_model, _ = quantized_model(lm.model, v, "reference")
-    tao_model, _ = quantized_model(lm.model, v, "torchao")
+    ref_model, _ = quantized_model(lm.model, v, "reference", "pte")
+    tao_model, plan = quantized_model(lm.model, v, "torchao")
+    assert {lp.offset for lp in plan.linears.values()} == {"correction"}  # the .pte's plan
     x = torch.randint(3, 320, (24,), generator=torch.Generator().manual_seed(0))
     a, b = model_logits_fn(ref_model)(x), model_logits_fn(tao_model)(x)
     assert (a - b).abs().max() / a.abs().max() < 1e-3, variant
-    with pytest.raises(QuantError, match="no torchao counterpart"):
-        quantized_model(lm.model, parse_variant("8da4w:affine"), "torchao")
 
 
 # --- sensitivity ---------------------------------------------------------------------------
@@ -238,7 +266,7 @@ def test_sensitivity_rows_equal_quantizing_that_target_alone():
     ref = FloatReference(model_logits_fn(lm.model), w)
     plan, lp = _plan4(lm.model)
     before = {n: id(m) for n, m in lm.model.named_modules()}
-    rows = sensitivity(lm.model, plan, ref, lp, "sym", "block")
+    rows = sensitivity(lm.model, plan, ref, lp, lp.method, "block")
     assert {n: id(m) for n, m in lm.model.named_modules()} == before  # every module put back
     assert [r.comparison.ppl_change for r in rows] == sorted((r.comparison.ppl_change for r in rows), reverse=True)
     by_target = {r.target: r for r in rows}
@@ -249,7 +277,7 @@ def test_sensitivity_rows_equal_quantizing_that_target_alone():
     assert by_target["layers.1"].comparison.perplexity == pytest.approx(oracle.perplexity, rel=1e-5)
     assert by_target["layers.1"].comparison.top1_agreement == oracle.top1_agreement
     # The tied embedding/head target quantizes the shared matrix once, read by both ends.
-    emb_only = QuantPlan(plan.scheme, plan.embedding_scheme, embedding=LinearPlan(4, 32), head_dynamic_act=True)
+    emb_only = QuantPlan(plan.scheme, plan.embedding_scheme, embedding=LinearPlan(4, 32, method=lp.method), head_dynamic_act=True)
     oracle = evaluate_fn(model_logits_fn(R.fake_quantize_model(detached_copy(lm.model), emb_only)), ref)
     assert by_target["embed_tokens+lm_head (tied)"].comparison.perplexity == pytest.approx(oracle.perplexity, rel=1e-5)
 
@@ -306,7 +334,8 @@ def test_cli_table(tiny_ckpt, text_file, capsys):
     (["--text", "/nonexistent/eval.txt"], r"--text /nonexistent/eval.txt: no such file"),
     (["--context", "1"], r"--context 1: must be at least 2"),
     (["--max-tokens", "0"], r"--max-tokens 0: must be at least 2"),
-    (["--quant", "8da4w:sym-search", "--backend", "torchao"], r"no torchao counterpart"),
+    (["--backend", "torchao", "--format", "onnx"], r"--backend torchao is the eager model of the .pte"),
+    (["--quant", "8da4w:magic"], r"unknown option 'magic'"),
 ])
 def test_cli_bad_arguments_fail_before_loading_the_model(argv, msg, capsys):
     # The model path does not exist either: the argument error must come first.

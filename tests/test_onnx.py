@@ -1,10 +1,11 @@
 """The ONNX exporter (issue 5) on tiny random models of both families.
 
 Oracles: the eager model (fp32), ``quant.reference.fake_quantize_model`` (quantized
-schemes: the same plan in pure PyTorch), ``quant.reference.quantize_symmetric`` (the
-int codes and scales in the file), and onnxruntime-genai (same greedy tokens as
-phonekit's own loop). Tolerances: 1e-4 absolute on logits of magnitude ~2-3 for every
-scheme with the default activation method (measured: ~1e-6).
+schemes: the same plan in pure PyTorch), ``quant.reference.quantize_weight`` (the int
+codes, scales and offsets in the file, for every weight method of issue 9), and
+onnxruntime-genai (same greedy tokens as phonekit's own loop). Tolerances: 1e-4
+absolute on logits of magnitude ~2-3 for every scheme with the default activation
+method (measured: ~1e-6).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_tiny_lm, write_hf_checkpoint
 from onnx import numpy_helper
 
@@ -32,8 +32,7 @@ from phonekit.export.runtime import greedy
 from phonekit.quant import make_plan, parse_embedding, parse_scheme
 from phonekit.quant.plan import block_linears
 from phonekit.quant.plan import LinearPlan
-from phonekit.quant.reference import (FakeQuantLinear, fake_quant_per_token, fake_quant_weight, fake_quantize_model,
-                                      quantize_symmetric)
+from phonekit.quant.reference import FakeQuantLinear, fake_quantize_model, quantize_weight, reference_linear
 
 CTX = 64
 FAMILIES = [("mobilellm", False), ("mobilellm", True), ("plm", False)]
@@ -239,6 +238,15 @@ QUANT_MATRIX = (
     + [("mobilellm", True, s, e) for s, e in [("8da4w", "none"), ("w4", "8w"), ("8da8w", "8w")]]
     + [("plm", False, s, e) for s, e in [("w4", "none"), ("8da4w", "none"), ("8da8w", "8w"), ("w8", "4w"), ("fp16", "none")]]
 )
+# Weight methods (issue 9): the offset methods and a searched symmetric one, on every graph kind.
+METHOD_CASES = [("w4:affine", "none"), ("w4:affine-search", "4w"), ("8da4w:affine-search", "none"),
+                ("w4:asym", "none"), ("8da4w:sym-search", "8w")]
+QUANT_MATRIX += (
+    [("mobilellm", False, s, e) for s, e in METHOD_CASES]
+    + [("mobilellm", False, s, e) for s, e in [("8da8w:affine-search", "8w"), ("w8:asym", "none")]]
+    + [("mobilellm", True, s, e) for s, e in [("w4:affine-search", "none"), ("8da4w:asym", "8w")]]
+    + [("plm", False, s, e) for s, e in [("8da4w:affine-search", "none"), ("w4:asym", "none")]]
+)
 
 
 def quantized_nodes(m: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -323,64 +331,199 @@ def test_quantized_export_matches_the_reference_and_quantizes_every_planned_line
         assert art["details"]["activation_quantization"] is None
 
 
-@pytest.mark.parametrize("scheme,emb", [("w4", "4w"), ("w8", "8w"), ("8da8w", "8w"), ("8da4w-g16", "none")])
-def test_file_holds_exactly_the_reference_codes_and_scales(tmp_path, scheme, emb):
-    lm = make_tiny_lm("mobilellm", seed=5)
-    root, _, plan = export_bundle(lm, tmp_path / "b", scheme, emb)
-    m = onnx.load(str(root / "model.onnx"))
+def assert_file_holds_the_reference(m: onnx.ModelProto, lm, plan) -> None:
+    """Every planned weight's stored numbers are ``quantize_weight``'s for its plan: codes and
+    scales exactly, offsets exactly (uint8 zero points = zero + 2^(bits-1); the correction
+    C.T = -(zero * scale).T), and each offset method's weight is fed its offsets."""
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-    entries = {n: lp for n, lp in plan.linears.items()}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    entries = dict(plan.linears)
     if plan.embedding is not None:
         entries["embed_tokens"] = plan.embedding
     assert entries
     for name, lp in entries.items():
-        w = lm.model.get_parameter(f"{name}.weight" if name != "embed_tokens" else "embed_tokens.weight").detach()
-        q_ref, s_ref = quantize_symmetric(w, lp.bits, lp.group_size)
+        w = lm.model.get_parameter(f"{name}.weight").detach()
+        qw = quantize_weight(w, lp)
+        ref_deq = qw.dequantize().numpy()
+        if lp.has_offset:
+            # The offsets are in the file and in the graph: zero points on every MatMulNBits of
+            # the weight, or a correction MatMul added to every output of the codes' product.
+            zp, ct = inits.get(f"{name}.zero_points"), inits.get(f"{name}.offset_t")
+            assert (zp is None) != (ct is None), name
+            if ct is not None:
+                np.testing.assert_array_equal(ct, (-(qw.zero * qw.scale)).numpy().T)
+                corr = [n for n in consumers[f"{name}.offset_t"] if n.op_type == "MatMul"]
+                assert corr and len(corr) == len(consumers[f"{name}.offset_t"])
+                for n in corr:
+                    (add,) = consumers[n.output[0]]
+                    assert add.op_type == "Add"
+                    main = producer[next(i for i in add.input if i != n.output[0])]
+                    assert main.op_type in ("MatMulNBits", "Mul")  # Mul: MatMulInteger's rescale
         if f"{name}.qweight_kn" in inits:  # MatMulInteger layout [K, N]
-            np.testing.assert_array_equal(inits[f"{name}.qweight_kn"].T, q_ref.numpy())
-            np.testing.assert_array_equal(inits[f"{name}.scales"], s_ref.numpy().reshape(-1))
-            np.testing.assert_array_equal(inits[f"{name}.colsum"], q_ref.numpy().astype(np.int32).sum(1))
+            np.testing.assert_array_equal(inits[f"{name}.qweight_kn"].T, qw.q.numpy())
+            np.testing.assert_array_equal(inits[f"{name}.scales"], qw.scale.numpy().reshape(-1))
+            np.testing.assert_array_equal(inits[f"{name}.colsum"], qw.q.numpy().astype(np.int32).sum(1))
             continue
+        nodes = [n for n in consumers[f"{name}.qweight"] if n.op_type == "MatMulNBits"]
+        zp = inits.get(f"{name}.zero_points")
+        for n in nodes:
+            assert (len(n.input) > 3 and n.input[3] == f"{name}.zero_points") == (zp is not None), name
         lay = layout_for(*w.shape, lp.bits, lp.group_size, name)
-        codes, deq = unpack_nbits(inits[f"{name}.qweight"], inits[f"{name}.scales"], lay)
-        np.testing.assert_array_equal(codes, q_ref.numpy())
-        from phonekit.quant.reference import dequantize
+        codes, deq = unpack_nbits(inits[f"{name}.qweight"], inits[f"{name}.scales"], lay, zp)
+        np.testing.assert_array_equal(codes, qw.q.numpy())
+        per_block = np.repeat(inits[f"{name}.scales"], lay.block, axis=1)[:, :lay.k]
+        np.testing.assert_array_equal(per_block, np.repeat(qw.scale.numpy(), lay.k // qw.scale.shape[1], axis=1))
+        if zp is not None and zp.dtype == np.float32:
+            np.testing.assert_array_equal(zp, qw.zero.numpy() + lay.zero_point)
+            np.testing.assert_allclose(deq, ref_deq, rtol=0, atol=1e-6 * np.abs(ref_deq).max())
+        elif lp.has_offset and zp is None:  # correction: codes * scale + C per group
+            full = deq + np.repeat(inits[f"{name}.offset_t"].T, lay.k // qw.scale.shape[1], axis=1)
+            np.testing.assert_allclose(full, ref_deq, rtol=0, atol=1e-6 * np.abs(ref_deq).max())
+        else:  # symmetric, or integer zero points: (u - zp) * scale is the reference's product exactly
+            np.testing.assert_array_equal(deq, ref_deq)
 
-        np.testing.assert_array_equal(deq, dequantize(q_ref, s_ref).numpy())
+
+@pytest.mark.parametrize("scheme,emb", [("w4", "4w"), ("w8", "8w"), ("8da8w", "8w"), ("8da4w-g16", "none"),
+                                        *METHOD_CASES, ("8da8w:affine-search", "8w"), ("w8:asym", "none"),
+                                        ("w8:affine", "none"), ("8da4w-g64:hqq", "none")])
+def test_file_holds_exactly_the_reference_codes_scales_and_offsets(tmp_path, scheme, emb):
+    lm = make_tiny_lm("mobilellm", seed=5)
+    root, art, plan = export_bundle(lm, tmp_path / "b", scheme, emb)
+    assert_file_holds_the_reference(onnx.load(str(root / "model.onnx")), lm, plan)
+    d = art["details"]["weights"]
+    assert d["method"] == plan.scheme.weight_method
+    offsets = [lp for lp in plan.linears.values() if lp.has_offset]
+    assert d["zero_point_inputs"] + d["offset_corrections"] == len(offsets)
+    if plan.scheme.weight_method == "asym" and plan.scheme.base != "8da8w":
+        assert d["zero_point_inputs"] == len(offsets) and "uint8 zero points" in d["stored"]
+    elif offsets:
+        assert d["offset_corrections"] == len(offsets) and "C = -zero * scale" in d["stored"]
+
+
+def test_untied_head_and_shared_blocks_use_the_plans_method(tmp_path):
+    """An untied lm_head is a planned linear like any other (its own offsets); a -LS model's
+    shared block stores its weights and offsets once, applied twice."""
+    lm = make_tiny_lm("mobilellm", seed=8, tie_word_embeddings=False)
+    root, art, plan = export_bundle(lm, tmp_path / "untied", "w4:affine-search")
+    assert plan.linears["lm_head"].method == "affine-search"
+    m = onnx.load(str(root / "model.onnx"))
+    assert "lm_head.offset_t" in {t.name for t in m.graph.initializer}
+    assert_file_holds_the_reference(m, lm, plan)
+    ids = prompt(12, seed=3)
+    got = OnnxSession(root / "model.onnx", CTX, threads=1).run(ids, 0, logits_to_keep=0)
+    assert np.abs(got - eager_logits(reference(lm, plan, "w4:affine-search"), ids)).max() < TOL
+
+    ls = make_tiny_lm("mobilellm", layer_sharing=True, seed=8)
+    root, art, plan = export_bundle(ls, tmp_path / "ls", "w4:asym")
+    m = onnx.load(str(root / "model.onnx"))
+    zps = [t.name for t in m.graph.initializer if t.name.endswith(".zero_points")]
+    assert sorted(zps) == sorted(f"{n}.zero_points" for n in plan.linears)  # stored once
+    fed = [n.input[3] for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(fed) == 2 * len(plan.linears) and set(fed) == set(zps)  # used by both applications
+    assert art["details"]["weights"]["zero_point_inputs"] == 2 * len(plan.linears)
+
+
+def _q41_grid(rows: int = 48, groups: int = 6, seed: int = 0) -> torch.Tensor:
+    """Weights exactly on a GGUF Q4_1 grid: each group of 32 is d * q + m, q in 0..15
+    (as tests/test_eval.py makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(rows, groups, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (torch.rand(rows, groups, 1, generator=g) * 0.06 - 0.05).half().float()
+    q = torch.randint(0, 16, (rows, groups, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (d * q + m).reshape(rows, groups * 32)
+
+
+@pytest.mark.parametrize("float_offsets", ["correction", "zero_points"])
+def test_affine_int4_reproduces_a_q4_1_grid_in_onnx(tmp_path, float_offsets):
+    """A Q4_1-grid weight stored with ``w4:affine``: the file's numbers and the graph's product
+    are the grid's to float rounding, with either way of storing float offsets; ``sym`` and
+    ``asym`` (integer zero points) cannot hold it."""
+    import onnxruntime as ort
+
+    w = _q41_grid()
+    x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(3))
+    exact = (x.double() @ w.double().T).numpy()
+    errs = {}
+    for method in ("affine", "affine-search", "sym", "asym"):
+        lp = LinearPlan(4, 32, method=method)
+        graph = linear_graph(w, lp, DecoderOptions(float_offsets=float_offsets))
+        graph.save(tmp_path / f"{method}.onnx", None)
+        y = ort.InferenceSession(str(tmp_path / f"{method}.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x.numpy()})[0]
+        errs[method] = float(np.abs(y - exact).max() / np.abs(exact).max())
+        if method.startswith("affine"):
+            inits = {n: i.producer() for n, i in graph.inits.items()}
+            lay = layout_for(*w.shape, 4, 32, "w")
+            _, deq = unpack_nbits(inits["w.qweight"], inits["w.scales"], lay, inits.get("w.zero_points"))
+            if "w.offset_t" in inits:
+                deq = deq + np.repeat(inits["w.offset_t"].T, 32, axis=1)
+                assert "w.zero_points" not in inits
+            else:
+                assert inits["w.zero_points"].dtype == np.float32
+            assert np.abs(deq - w.numpy()).max() < 1e-6
+    assert errs["affine"] < 1e-6 and errs["affine-search"] < 1e-6, errs
+    assert errs["sym"] > 1e-3 and errs["asym"] > 1e-3, errs
 
 
 LINEAR_CASES = [  # (K, plan): in widths that divide every block size and one that divides none
-    (96, LinearPlan(4, 32, False, False)), (96, LinearPlan(4, 16, False, True)), (96, LinearPlan(4, 32, False, True)),
-    (100, LinearPlan(8, None, False, False)), (96, LinearPlan(8, None, False, True)), (100, LinearPlan(8, None, False, True)),
+    (96, LinearPlan(4, 32)), (96, LinearPlan(4, 16, dynamic_act=True)), (96, LinearPlan(4, 32, dynamic_act=True)),
+    (100, LinearPlan(8, None)), (96, LinearPlan(8, None, dynamic_act=True)), (100, LinearPlan(8, None, dynamic_act=True)),
+    # weight methods (issue 9): offsets as uint8 zero points (asym), as a correction (affine*)
+    *[(96, LinearPlan(4, 32, method=m, dynamic_act=d)) for m in ("asym", "affine", "affine-search", "sym-search", "hqq")
+      for d in (False, True)],
+    (100, LinearPlan(8, None, method="asym")), (100, LinearPlan(8, None, method="affine-search")),
+    (100, LinearPlan(8, None, method="asym", dynamic_act=True)), (96, LinearPlan(8, None, method="affine", dynamic_act=True)),
 ]
 
 
 @pytest.mark.parametrize("k,lp", LINEAR_CASES, ids=lambda v: str(v) if isinstance(v, int) else
-                         f"int{v.bits}-{'g' + str(v.group_size) if v.group_size else 'ch'}{'-dyn' if v.dynamic_act else ''}")
+                         f"int{v.bits}-{'g' + str(v.group_size) if v.group_size else 'ch'}-{v.method}"
+                         f"{'-dyn' if v.dynamic_act else ''}")
 def test_quantized_linear_is_op_for_op_the_reference(tmp_path, k, lp):
     """One linear through the decoder's own code path, same input for both sides (so no
     rounding tie can split them): equal to the reference to float rounding, including
-    an all-zero row (eps scale), one-signed rows (zero point at an end) and an outlier."""
+    an all-zero row (eps scale), one-signed rows (zero point at an end) and an outlier.
+    Float offsets both ways (correction, float zero points where ORT takes them)."""
     import onnxruntime as ort
 
     g = torch.Generator().manual_seed(k)
     w = torch.randn(48, k, generator=g) * 0.05
+    w[5] = w[5].abs() + 0.01  # one-signed rows: offsets far from the middle
+    w[6] = -w[6].abs() - 0.01
     x = torch.randn(6, k, generator=g)
     x[1, 3] = 40.0
     x[2] = 0.0
     x[3], x[4] = x[3].abs(), -x[4].abs()
     results = {}
-    for method in ("qdq", "acc4"):
-        graph = linear_graph(w, lp, DecoderOptions(act_method=method))
-        graph.save(tmp_path / f"{method}.onnx", None)
-        sess = ort.InferenceSession(str(tmp_path / f"{method}.onnx"), providers=["CPUExecutionProvider"])
-        results[method] = sess.run(None, {"x": x.numpy()})[0]
-    xin = fake_quant_per_token(x) if lp.dynamic_act else x
-    want = F.linear(xin, fake_quant_weight(w, lp.bits, lp.group_size)).numpy()
+    for method, offsets in (("qdq", "correction"), ("acc4", "correction"), ("qdq", "zero_points")):
+        graph = linear_graph(w, lp, DecoderOptions(act_method=method, float_offsets=offsets))
+        graph.save(tmp_path / f"{method}-{offsets}.onnx", None)
+        sess = ort.InferenceSession(str(tmp_path / f"{method}-{offsets}.onnx"), providers=["CPUExecutionProvider"])
+        results[method, offsets] = sess.run(None, {"x": x.numpy()})[0]
+        ops = {n.op_type for n in graph.nodes}
+        uses_zp = any(n.op_type == "MatMulNBits" and len(n.input) > 3 for n in graph.nodes)
+        integer_path = lp.bits == 8 and lp.group_size is None and lp.dynamic_act and method == "qdq"
+        if lp.method == "asym" and not integer_path:
+            assert uses_zp and graph.inits["w.zero_points"].dtype == np.uint8
+        elif lp.has_offset and offsets == "zero_points" and lp.bits == 4:
+            assert uses_zp and graph.inits["w.zero_points"].dtype == np.float32
+        elif lp.has_offset:
+            assert not uses_zp and "w.offset_t" in graph.inits and {"ReduceSum", "MatMul"} <= ops
+        else:
+            assert not uses_zp and "w.offset_t" not in graph.inits
+    want = reference_linear(w, lp)(x).numpy()
     scale = np.abs(want).max()
-    assert np.abs(results["qdq"] - want).max() <= 1e-5 * scale
+    assert np.abs(results["qdq", "correction"] - want).max() <= 1e-5 * scale
+    assert np.abs(results["qdq", "zero_points"] - want).max() <= 1e-5 * scale
     if lp.dynamic_act:  # accuracy_level=4: the kernel's own per-block symmetric int8, visibly different
-        assert np.abs(results["acc4"] - want).max() > 1e-3 * scale
+        assert np.abs(results["acc4", "correction"] - want).max() > 1e-3 * scale
+    else:
+        assert np.abs(results["acc4", "correction"] - want).max() <= 1e-5 * scale
 
 
 def test_activation_methods_measured_against_the_reference(tmp_path):

@@ -60,8 +60,9 @@ def test_fp32_pte_equals_eager(tmp_path, family, ls):
     assert meta["get_n_layers"] == lm.config.block_applications
 
 
-@pytest.mark.parametrize("family,scheme,emb", [("mobilellm", "8da4w", "none"), ("plm", "8da8w", "8w"),
-                                                ("mobilellm", "8da4w-g64", "4w")])
+@pytest.mark.parametrize("family,scheme,emb", [("mobilellm", "8da4w:sym", "none"), ("plm", "8da8w", "8w"),
+                                                ("mobilellm", "8da4w-g64:sym", "4w"),
+                                                ("mobilellm", "8da4w:affine-search", "8w"), ("plm", "8da4w:affine", "none")])
 def test_quantized_pte_matches_reference(tmp_path, family, scheme, emb):
     """The artifact computes the quant/ reference of its scheme: int8 per-token activations,
     int4 groups (bf16 scales, as XNNPACK stores them) or int8 channels, quantized embedding and tied head."""
@@ -76,6 +77,16 @@ def test_quantized_pte_matches_reference(tmp_path, family, scheme, emb):
     assert np.abs(got - ref).max() < 1e-4
     assert np.abs(ref - fp).max() > 1e-2
     assert art.details["delegation"]["delegated_nodes"] > 0
+    if plan.scheme.weight_method in ("affine", "affine-search"):
+        # XNNPACK ignores zero points: the offsets ride in correction linears, which XNNPACK takes
+        # (PLM's decomposed attention may move one getitem across a partition boundary).
+        assert {lp.offset for lp in plan.linears.values()} == {"correction"}
+        assert art.details["delegation"]["non_delegated_nodes"] <= _non_delegated_sym(lm, scheme, tmp_path) + 1
+
+
+def _non_delegated_sym(lm, scheme: str, root: Path) -> int:
+    _, art = _export(lm, scheme.split(":")[0] + ":sym", root / "sym")
+    return art.details["delegation"]["non_delegated_nodes"]
 
 
 def test_layer_sharing_stores_shared_blocks_once(tmp_path):
@@ -123,3 +134,25 @@ def test_demo_pte_in_executorch_llm_runner(demo_pte_bundle, demo_lm):
     # residual stream reaches |x| ~ 2e4, so per-token int8 activation rounding sits on ties
     # that float accumulation order flips (a 1e-6 perturbation moves the reference's logits
     # by ~4%). The tiny-model tests above check the .pte against the reference to 1e-4.
+
+
+@pytest.mark.demo
+@pytest.mark.xdist_group("demo")
+def test_demo_fp32_pte_greedy_equals_eager_in_the_llm_runner(demo_pte_fp32_bundle, demo_lm):
+    """ExecuTorch's C++ LLM runner (what Android's LlmModule and the iOS runner wrap) drives
+    the fp32 .pte with the bundle's tokenizer: 32 greedy tokens equal the eager model's."""
+    import executorch.kernels.quantized  # noqa: F401 - the runner resolves kernels from this process
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - llama::custom_sdpa / update_cache
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    bundle = demo_pte_fp32_bundle
+    prompt_ids = demo_lm.tokenizer.encode_chat("Write a short story about a lighthouse keeper.")
+    prompt = demo_lm.tokenizer.decode(prompt_ids, skip_special=False)
+    eager = demo_lm.generate(prompt_ids, 32)
+    assert len(eager) == 32  # a story does not end within 32 tokens: all of them are compared
+    runner = TextLLMRunner(str(bundle / "model.pte"), str(bundle / "tokenizer.json"))
+    pieces: list[str] = []
+    runner.generate(prompt, GenerationConfig(max_new_tokens=32, temperature=0.0, echo=False),
+                    token_callback=pieces.append)
+    assert len(pieces) == 32
+    assert "".join(pieces) == demo_lm.tokenizer.decode(eager)

@@ -99,7 +99,7 @@ def meta_model(config: Any) -> Any:
 def model_plans(config: Any, quant: str, emb: str, formats: list[str], explicit: set[str]) -> dict[str, Any]:
     from phonekit.export.commands.export import plans_for
 
-    return plans_for(SimpleNamespace(model=meta_model(config)), quant, emb, formats, explicit)
+    return plans_for(SimpleNamespace(model=meta_model(config), gguf_types={}), quant, emb, formats, explicit)
 
 
 def resolve_context(config: Any, context: int | None) -> int:
@@ -111,7 +111,8 @@ def resolve_context(config: Any, context: int | None) -> int:
 def bundle_plans(manifest: dict[str, Any], config: Any) -> dict[str, Any]:
     """Rebuild each artifact's ``QuantPlan`` from what the manifest records (scheme + embedding)."""
     from phonekit.errors import QuantError
-    from phonekit.quant import make_plan, parse_embedding, parse_scheme
+    from phonekit.quant import make_plan, parse_embedding
+    from phonekit.quant.schemes import scheme_from_manifest
 
     model = meta_model(config)
     plans = {}
@@ -120,7 +121,7 @@ def bundle_plans(manifest: dict[str, Any], config: Any) -> dict[str, Any]:
         emb = q.get("embedding") or {}
         bits = emb.get("bits") if isinstance(emb, dict) else None
         try:
-            plans[art["format"]] = make_plan(model, parse_scheme(q["scheme"]), parse_embedding(f"{bits}w" if bits else "none"), art["format"])
+            plans[art["format"]] = make_plan(model, scheme_from_manifest(q), parse_embedding(f"{bits}w" if bits else "none"), art["format"])
         except (KeyError, QuantError) as e:
             raise BundleError(f"manifest.json: artifact {art['file']}: quantization record unreadable ({e}); re-export the bundle") from None
     return plans

@@ -21,7 +21,7 @@ DEFAULT_SENSITIVITY_TOKENS = 2048
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from phonekit.quant.evaluate import BACKENDS, DEFAULT_CONTEXT, DEFAULT_MAX_TOKENS
-    from phonekit.quant.reference import WEIGHT_METHODS
+    from phonekit.quant.schemes import DEFAULT_METHOD, WEIGHT_METHODS
 
     p = verb_parser(
         sub, "eval",
@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--quant", nargs="+", metavar="SCHEME",
                    help="schemes to compare with fp32 (default: 8da8w 8da4w). Research options after a colon: "
-                        f"a weight rounding ({', '.join(WEIGHT_METHODS)}; default sym = the scheme's min/max) "
+                        f"a weight rounding ({', '.join(WEIGHT_METHODS)}; default {DEFAULT_METHOD[4]} for 4 bits, "
+                        f"{DEFAULT_METHOD[8]} for 8, as phonekit export) "
                         "and emb=none|8w|4w, e.g. 8da4w:affine,emb=8w")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
@@ -42,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="reference",
                    help="reference = phonekit's fake-quant meaning of the scheme (default); "
                         "torchao = torchao's eager quantize_ (the tensors ExecuTorch lowers)")
+    p.add_argument("--format", choices=["pte", "onnx", "coreml"],
+                   help="score the plan that format's export applies (pte: bf16 group scales and offsets as an "
+                        "int8 correction; onnx/coreml: float zero points); default: the format-free meaning")
     p.add_argument("--sensitivity", nargs="?", const="type", choices=["type", "block", "linear"],
                    help="also rank layers by the perplexity one of them costs at 4 bits while the rest stay float: "
                         "by linear type across blocks (default), by block, or every linear (slow)")
@@ -98,8 +102,12 @@ def run(args: argparse.Namespace) -> int:
     schemes = args.quant if args.quant else ([] if args.sensitivity else DEFAULT_SCHEMES)
     # Everything that can be wrong with the arguments fails before the model loads.
     variants = [parse_variant(s, args.quant_embedding) for s in schemes]
-    for v in variants:
-        check_backend(v, args.backend)
+    check_backend(args.backend, args.format)
+    if args.format:
+        from phonekit.quant.schemes import check_format
+
+        for v in variants:
+            check_format(v.scheme, args.format)
     text, text_path = read_text(args.text)
 
     from phonekit.export import load_model
@@ -110,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.context > lm.config.max_context:
         raise UsageError(f"--context {args.context}: over the model's maximum of {lm.config.max_context}; use --context {lm.config.max_context} or less")
     for v in variants:
-        plan_for(lm.model, v)  # a group size that does not fit fails here, before any scoring
+        plan_for(lm.model, v, args.format)  # a group size that does not fit fails here, before any scoring
     sens_plan = _sensitivity_plan(lm, variants) if args.sensitivity else None
     max_tokens = args.max_tokens if variants else min(args.max_tokens, args.sensitivity_tokens)
     windows = tokenize(lm.tokenizer, text, args.context, max_tokens)
@@ -121,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for v in variants:
         results.append(progress.run(f"{v.label} ({args.backend})", n,
-                                    lambda cb, v=v: evaluate_variant(lm.model, v, ref, args.backend, cb)))
+                                    lambda cb, v=v: evaluate_variant(lm.model, v, ref, args.backend, cb, args.format)))
     sens = _run_sensitivity(lm, ref, args, sens_plan, progress) if args.sensitivity else None
     out = {
         "model": lm.model_id,
         "backend": args.backend,
+        "format": args.format,
         "text": {"path": str(text_path), "sha256": hashlib.sha256(text_path.read_bytes()).hexdigest(),
                  "tokens_in_text": windows.total_text_tokens, "tokens_used": windows.text_tokens},
         "context": args.context,
@@ -154,7 +163,7 @@ def _sensitivity_plan(lm: Any, variants: list) -> tuple[Any, Any, str]:
         four = Variant("8da4w", parse_scheme("8da4w"), parse_embedding("none"))
     plan = plan_for(lm.model, Variant(four.text, four.scheme, parse_embedding("none"), four.method))
     lp = next(iter(plan.linears.values()))
-    return plan, lp, four.method
+    return plan, lp, lp.method
 
 
 def _run_sensitivity(lm: Any, ref: Any, args: argparse.Namespace, sens_plan: tuple, progress: _Progress) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], expl
     scheme gets its documented counterpart (recorded); a format named by --format errors."""
     from phonekit.quant import check_format, make_plan, parse_embedding, parse_scheme
     from phonekit.quant.schemes import FORMAT_SCHEMES, Scheme
+    from phonekit.quant.source_grid import source_grid_report
 
     scheme = parse_scheme(scheme_text)
     emb = parse_embedding(emb_text)
@@ -68,8 +69,9 @@ def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], expl
             counterpart = {"8da4w": "w4", "8da8w": "w8", "w4": "8da4w", "w8": "8da8w", "fp16": "fp32"}[scheme.base]
             if counterpart not in FORMAT_SCHEMES[fmt]:
                 raise
-            s = Scheme(counterpart, scheme.group_size)
+            s = Scheme(counterpart, scheme.group_size, scheme.method)
         plans[fmt] = make_plan(lm.model, s, emb, fmt)
+        source_grid_report(lm.model, plans[fmt], lm.gguf_types)
         if s != scheme:
             plans[fmt].notes.append(f"--quant {scheme.name} is not available on {fmt}; this artifact uses {s.name}")
     return plans

@@ -1,0 +1,64 @@
+"""GGUF-aware quantization: an export keeps a Q4_1 source grid exactly when its weight
+rounding can hold it, and the manifest says how many layers did."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_tiny_lm
+
+from phonekit.quant import make_plan, parse_embedding, parse_scheme
+from phonekit.quant.source_grid import source_grid_report
+
+
+def _q41(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(rows, cols // 32, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (torch.rand(rows, cols // 32, 1, generator=g) * 0.06 - 0.05).half().float()
+    q = torch.randint(0, 16, (rows, cols // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (d * q + m).reshape(rows, cols)
+
+
+def _gguf_like_lm():
+    """A tiny model whose attention projections sit on a Q4_1 grid and whose MLP is Q8_0-typed."""
+    lm = make_tiny_lm("mobilellm", seed=3)
+    types = {}
+    for i, layer in enumerate(lm.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(layer.self_attn, name)
+            lin.weight.data = _q41(*lin.weight.shape, seed=i * 10 + len(name))
+            types[f"model.layers.{i}.self_attn.{name}.weight"] = "Q4_1"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            types[f"model.layers.{i}.mlp.{name}.weight"] = "Q8_0"
+    return lm, types
+
+
+def test_affine_keeps_a_q4_1_grid_and_the_plan_says_so():
+    lm, types = _gguf_like_lm()
+    n = 4 * len(lm.model.layers)
+    plan = make_plan(lm.model, parse_scheme("w4:affine-search"), parse_embedding("none"), "onnx")
+    rows = source_grid_report(lm.model, plan, types)
+    assert rows["Q4_1"] == {"layers": n, "held_exactly": n, "max_rel_error": rows["Q4_1"]["max_rel_error"]}
+    assert rows["Q4_1"]["max_rel_error"] <= 1e-5
+    assert rows["Q8_0"]["held_exactly"] == 0  # random float MLP weights are not on any grid
+    assert plan.summary()["source_grid"] == rows
+    assert any(f"{n} linears stored as GGUF Q4_1 keep that grid exactly" in note for note in plan.notes)
+
+
+def test_symmetric_and_bf16_scales_do_not_and_the_plan_says_why():
+    lm, types = _gguf_like_lm()
+    n = 4 * len(lm.model.layers)
+    sym = make_plan(lm.model, parse_scheme("w4:sym"), parse_embedding("none"), "onnx")
+    r = source_grid_report(lm.model, sym, types)["Q4_1"]
+    assert r["held_exactly"] == 0 and r["max_rel_error"] > 1e-2
+    pte = make_plan(lm.model, parse_scheme("8da4w:affine"), parse_embedding("none"), "pte")
+    r = source_grid_report(lm.model, pte, types)["Q4_1"]
+    # XNNPACK keeps the codes but rounds the scales to bfloat16: off the grid by < 1%.
+    assert r["held_exactly"] == 0 and 1e-5 < r["max_rel_error"] < 1e-2
+    assert any("bfloat16" in note for note in pte.notes)
+
+
+def test_no_report_without_a_gguf_source():
+    lm = make_tiny_lm("mobilellm", seed=3)
+    plan = make_plan(lm.model, parse_scheme("8da4w"), parse_embedding("none"), "pte")
+    assert source_grid_report(lm.model, plan, {}) is None and "source_grid" not in plan.summary()
