@@ -24,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
+# ~150 tokens, so prefill is timed over more than the runner's millisecond resolution.
+PROMPT = ("The lighthouse stood at the end of a narrow spit of rock, and for forty years the same family had kept "
+          "its lamp burning through every storm the sea could raise. The keeper's daughter knew the sound of each "
+          "wind by heart: the low moan of the autumn gales, the sharp whistle of the winter squalls, the soft "
+          "breathing of a summer night. One evening, as the fog rolled in from the west and the bell buoy began "
+          "to toll, she saw a light where no light should be, far out beyond the reef. "
+          "Write a short story about what she did next. Once upon a time")
 
 
 def meta_checkpoint(out: Path) -> tuple[Path, Path]:
@@ -85,6 +91,8 @@ def export_phonekit(out: Path, context: int, quant: str) -> tuple[Path, float]:
 
 def run_runner(pte: Path, tokenizer: Path, new_tokens: int, repeats: int) -> dict[str, float]:
     """Median prefill/decode tokens/s over ``repeats`` generations in TextLLMRunner."""
+    import executorch.kernels.quantized  # noqa: F401 - quantized embedding kernels for the runner
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - llama::custom_sdpa / update_cache
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     runner = TextLLMRunner(str(pte), str(tokenizer))
@@ -101,6 +109,11 @@ def run_runner(pte: Path, tokenizer: Path, new_tokens: int, repeats: int) -> dic
     rows = sorted(rows[1:], key=lambda r: r[1])
     mid = rows[len(rows) // 2]
     return {"prefill_tok_s": round(mid[0], 1), "decode_tok_s": round(mid[1], 1)}
+
+
+def label(q: dict) -> str:
+    emb = q.get("embedding") or {}
+    return f"phonekit {q['scheme']}:{q['weight_method']}, embedding/head {emb.get('bits') or 'float'}-bit"
 
 
 def main() -> None:
@@ -124,13 +137,11 @@ def main() -> None:
         m = json.loads((b / "manifest.json").read_text())
         if m["context_length"] != args.context:
             raise SystemExit(f"--phonekit-bundle {b} has context {m['context_length']}, not --context {args.context}")
-        q = m["quantization"]
-        runs.append((f"phonekit {q['scheme']}:{q['weight_method']}", b / "model.pte", float("nan")))
+        runs.append((label(m["quantization"]), b / "model.pte", float("nan")))
     if not args.phonekit_bundle:
         for q in args.phonekit_quant:
             pte, t = export_phonekit(args.out, args.context, q)
-            m = json.loads((pte.parent / "manifest.json").read_text())["quantization"]
-            runs.append((f"phonekit {m['scheme']}:{m['weight_method']}", pte, t))
+            runs.append((label(json.loads((pte.parent / "manifest.json").read_text())["quantization"]), pte, t))
     if args.executorch_pte:
         runs.append(("executorch export_llm", args.executorch_pte, float("nan")))
     else:

@@ -53,8 +53,10 @@ def source_grid_report(model: nn.Module, plan: QuantPlan, gguf_types: dict[str, 
         if r["held_exactly"] == r["layers"]:
             plan.notes.append(f"{r['layers']} linears stored as GGUF {kind} keep that grid exactly")
         else:
-            why = ("XNNPACK rounds group scales to bfloat16" if any(lp.scale_bf16 for lp in plan.linears.values())
-                   else f"the scheme cannot hold {kind} (int{bits} groups of {group} with float offsets can)")
+            lp = next(iter(plan.linears.values()))
+            can = lp.bits == bits and lp.group_size == group and (lp.method in ("affine", "affine-search") or kind == "Q8_0")
+            why = ("XNNPACK rounds group scales to bfloat16" if can and lp.scale_bf16
+                   else f"{lp.describe()} cannot hold {kind}: int{bits} groups of {group} with float offsets can")
             plan.notes.append(f"{r['held_exactly']}/{r['layers']} linears stored as GGUF {kind} keep that grid exactly "
                               f"(largest relative change {r['max_rel_error']:.2g}: {why})")
     plan.source_grid = rows

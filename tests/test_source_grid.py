@@ -51,6 +51,7 @@ def test_symmetric_and_bf16_scales_do_not_and_the_plan_says_why():
     sym = make_plan(lm.model, parse_scheme("w4:sym"), parse_embedding("none"), "onnx")
     r = source_grid_report(lm.model, sym, types)["Q4_1"]
     assert r["held_exactly"] == 0 and r["max_rel_error"] > 1e-2
+    assert any("sym" in n and "cannot hold Q4_1" in n for n in sym.notes)
     pte = make_plan(lm.model, parse_scheme("8da4w:affine"), parse_embedding("none"), "pte")
     r = source_grid_report(lm.model, pte, types)["Q4_1"]
     # XNNPACK keeps the codes but rounds the scales to bfloat16: off the grid by < 1%.

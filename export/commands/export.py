@@ -16,7 +16,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", action="append", choices=["android", "ios", "all"],
                    help="platform(s): android = .pte + .onnx, ios = .mlpackage + .pte, all = every format")
     p.add_argument("--format", action="append", choices=["pte", "onnx", "coreml"], help="explicit format(s), repeatable")
-    p.add_argument("--quant", default="8da4w", help="scheme: fp32, fp16, w8, w4[-gN], 8da8w, 8da4w[-gN] (default 8da4w)")
+    p.add_argument("--quant", default="8da4w",
+                   help="scheme: fp32, fp16, w8, w4[-gN], 8da8w, 8da4w[-gN] (default 8da4w), optionally :METHOD for the "
+                        "weight rounding: sym, sym-search, hqq, asym, affine, affine-search (default: affine-search for "
+                        "int4, sym for int8), e.g. 8da4w:sym")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
     p.add_argument("--context", type=int, default=None, help="KV-cache length = maximum tokens (default: min(model max, 2048))")
