@@ -70,6 +70,8 @@ struct ModelInfo: Decodable, Sendable {
 struct Quantization: Decodable, Sendable {
     let scheme: String
     let weights: String
+    let weightMethod: String?
+    let sourceGrid: [String: JSONValue]?
     let activations: String
     let embedding: [String: JSONValue]?
     let keptFloat: [String]

@@ -79,6 +79,8 @@ data class ModelInfo(
 data class Quantization(
     val scheme: String,
     val weights: String,
+    @SerialName("weight_method") val weightMethod: String? = null,
+    @SerialName("source_grid") val sourceGrid: JsonObject? = null,
     val activations: String,
     val embedding: JsonObject?,
     @SerialName("kept_float") val keptFloat: List<String>,
