@@ -34,8 +34,9 @@ _RE = re.compile(r"^(fp32|fp16|w8|w4|8da8w|8da4w)(?:-g(\d+))?(?::([a-z-]+))?$")
 # affine-search = float offset with scale and offset fitted by least squares.
 WEIGHT_METHODS = ("sym", "asym", "affine", "sym-search", "affine-search", "hqq")
 OFFSET_METHODS = ("asym", "affine", "affine-search")
-# What ``--quant 8da4w`` means without ``:METHOD``: the method every format runs correctly
-# that measured best on the demo (README, "Quantization quality").
+# What ``--quant 8da4w`` means without ``:METHOD``: the rounding that measured best on the
+# demo and that every format runs correctly (README, "Quantization quality"). On the .pte
+# its offsets cost decode speed (README, "Benchmarks"); ``:sym`` is the fast alternative.
 DEFAULT_METHOD = {4: "affine-search", 8: "sym"}
 
 
