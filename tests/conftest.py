@@ -62,6 +62,17 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer(HFTokenizer.from_str(s), "hf", 1, [2], True, None, "<s>", "</s>", {"tokenizer.json": s.encode()})
 
 
+def q41_grid(rows: int = 48, groups: int = 6, seed: int = 0) -> torch.Tensor:
+    """Weights exactly on a GGUF Q4_1 grid: each group of 32 is d * q + m with q in 0..15, and
+    every group spans the full code range, as a Q4_1 quantizer leaves it."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(rows, groups, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (torch.rand(rows, groups, 1, generator=g) * 0.06 - 0.05).half().float()
+    q = torch.randint(0, 16, (rows, groups, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (d * q + m).reshape(rows, groups * 32)
+
+
 def make_tiny_lm(family: str = "mobilellm", layer_sharing: bool = False, seed: int = 0, std: float = 0.08, **kw) -> LanguageModel:
     args = tiny_args(family, layer_sharing, **kw)
     torch.manual_seed(seed)

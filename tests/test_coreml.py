@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_lm, write_hf_checkpoint
+from conftest import make_tiny_lm, q41_grid, write_hf_checkpoint
 
 from phonekit.errors import BundleError, QuantError, UsageError
 from phonekit.export import coreml_export
@@ -271,16 +271,6 @@ def test_quantized_matches_reference(arts, family, ls, scheme, emb):
 # weight rounding methods (issue 9): offsets in constexpr_blockwise_shift_scale
 
 
-def _q41_grid(rows: int, groups: int, seed: int) -> torch.Tensor:
-    """Weights exactly on a GGUF Q4_1 grid (as tests/test_eval.py): each group of 32 is d * q + m."""
-    g = torch.Generator().manual_seed(seed)
-    d = (torch.rand(rows, groups, 1, generator=g) * 0.01 + 0.001).half().float()
-    m = (torch.rand(rows, groups, 1, generator=g) * 0.06 - 0.05).half().float()
-    q = torch.randint(0, 16, (rows, groups, 32), generator=g).float()
-    q[..., 0], q[..., 1] = 0, 15
-    return (d * q + m).reshape(rows, groups * 32)
-
-
 Q41_LINEARS = ("layers.0.mlp.down_proj", "layers.1.self_attn.q_proj")
 
 
@@ -290,7 +280,7 @@ def q41_lm():  # noqa: ANN201
     with torch.no_grad():
         for i, name in enumerate(Q41_LINEARS):
             w = lm.model.get_submodule(name).weight
-            w.copy_(_q41_grid(w.shape[0], w.shape[1] // 32, seed=i))
+            w.copy_(q41_grid(w.shape[0], w.shape[1] // 32, seed=i))
     return lm
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_lm, write_hf_checkpoint
+from conftest import make_tiny_lm, q41_grid, write_hf_checkpoint
 from phonekit.errors import QuantError, UsageError
 from phonekit.export.cli import main
 from phonekit.quant import make_plan, parse_embedding, parse_scheme
@@ -125,18 +125,8 @@ def test_parse_variant_options_and_errors():
         parse_variant("fp32:affine")
 
 
-def _q41_grid(rows: int = 48, groups: int = 6, seed: int = 0) -> torch.Tensor:
-    """Weights exactly on a GGUF Q4_1 grid: each group of 32 is d * q + m, q in 0..15."""
-    g = torch.Generator().manual_seed(seed)
-    d = (torch.rand(rows, groups, 1, generator=g) * 0.01 + 0.001).half().float()
-    m = (torch.rand(rows, groups, 1, generator=g) * 0.06 - 0.05).half().float()
-    q = torch.randint(0, 16, (rows, groups, 32), generator=g).float()
-    q[..., 0], q[..., 1] = 0, 15  # every group spans the full code range, as a Q4_1 quantizer leaves it
-    return (d * q + m).reshape(rows, groups * 32)
-
-
 def test_affine_int4_reproduces_a_q4_1_grid_and_integer_zero_points_do_not():
-    w = _q41_grid()
+    w = q41_grid()
     for method in ("affine", "affine-search"):
         assert (R.fake_quant_weight_method(w, 4, 32, method) - w).abs().max() < 1e-6, method
     # torchao-style zero points are integers and keep 0 in range: they cannot hold the float offset m.
@@ -193,7 +183,7 @@ def test_offset_correction_computes_the_affine_weights_up_to_int8_rounding():
     """XNNPACK ignores zero points, so a .pte plan carries the offsets as a correction
     linear over the group means. Without rounding it is exactly the affine product; with
     the int8 correction it stays within a small fraction of the 4-bit error."""
-    w = _q41_grid(rows=64, groups=6)
+    w = q41_grid(rows=64, groups=6)
     x = torch.randn(5, 192, generator=torch.Generator().manual_seed(3))
     exact = x @ w.T
     lp = LinearPlan(4, 32, method="affine", dynamic_act=False, offset="correction")

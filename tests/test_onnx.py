@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_lm, write_hf_checkpoint
+from conftest import make_tiny_lm, q41_grid, write_hf_checkpoint
 from onnx import numpy_helper
 
 from phonekit.export import onnx_export
@@ -427,17 +427,6 @@ def test_untied_head_and_shared_blocks_use_the_plans_method(tmp_path):
     assert art["details"]["weights"]["zero_point_inputs"] == 2 * len(plan.linears)
 
 
-def _q41_grid(rows: int = 48, groups: int = 6, seed: int = 0) -> torch.Tensor:
-    """Weights exactly on a GGUF Q4_1 grid: each group of 32 is d * q + m, q in 0..15
-    (as tests/test_eval.py makes them)."""
-    g = torch.Generator().manual_seed(seed)
-    d = (torch.rand(rows, groups, 1, generator=g) * 0.01 + 0.001).half().float()
-    m = (torch.rand(rows, groups, 1, generator=g) * 0.06 - 0.05).half().float()
-    q = torch.randint(0, 16, (rows, groups, 32), generator=g).float()
-    q[..., 0], q[..., 1] = 0, 15
-    return (d * q + m).reshape(rows, groups * 32)
-
-
 @pytest.mark.parametrize("float_offsets", ["correction", "zero_points"])
 def test_affine_int4_reproduces_a_q4_1_grid_in_onnx(tmp_path, float_offsets):
     """A Q4_1-grid weight stored with ``w4:affine``: the file's numbers and the graph's product
@@ -445,7 +434,7 @@ def test_affine_int4_reproduces_a_q4_1_grid_in_onnx(tmp_path, float_offsets):
     ``asym`` (integer zero points) cannot hold it."""
     import onnxruntime as ort
 
-    w = _q41_grid()
+    w = q41_grid()
     x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(3))
     exact = (x.double() @ w.double().T).numpy()
     errs = {}

@@ -4,19 +4,10 @@ rounding can hold it, and the manifest says how many layers did."""
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, q41_grid
 
 from phonekit.quant import make_plan, parse_embedding, parse_scheme
 from phonekit.quant.source_grid import source_grid_report
-
-
-def _q41(rows: int, cols: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    d = (torch.rand(rows, cols // 32, 1, generator=g) * 0.01 + 0.001).half().float()
-    m = (torch.rand(rows, cols // 32, 1, generator=g) * 0.06 - 0.05).half().float()
-    q = torch.randint(0, 16, (rows, cols // 32, 32), generator=g).float()
-    q[..., 0], q[..., 1] = 0, 15
-    return (d * q + m).reshape(rows, cols)
 
 
 def _gguf_like_lm():
@@ -26,7 +17,7 @@ def _gguf_like_lm():
     for i, layer in enumerate(lm.model.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             lin = getattr(layer.self_attn, name)
-            lin.weight.data = _q41(*lin.weight.shape, seed=i * 10 + len(name))
+            lin.weight.data = q41_grid(lin.weight.shape[0], lin.weight.shape[1] // 32, seed=i * 10 + len(name))
             types[f"model.layers.{i}.self_attn.{name}.weight"] = "Q4_1"
         for name in ("gate_proj", "up_proj", "down_proj"):
             types[f"model.layers.{i}.mlp.{name}.weight"] = "Q8_0"
