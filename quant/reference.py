@@ -63,15 +63,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group: int | None, asymmetric: bool = False,
                       scale_bf16: bool = False) -> torch.Tensor:
-    """Quantize-dequantize W. ``scale_bf16``: codes from the fp32 scale, then the scale
-    stored in bfloat16 (what XNNPACK keeps for group-wise weights)."""
-    if asymmetric:
-        q, s, z = quantize_asymmetric(w, bits, group)
-    else:
-        (q, s), z = quantize_symmetric(w, bits, group), None
-    if scale_bf16:
-        s = s.to(torch.bfloat16).float()
-    return dequantize(q, s, z).to(w.dtype)
+    """Quantize-dequantize W with min/max rounding (``quantize_weight`` with ``sym``/``asym``).
+    ``scale_bf16``: codes from the fp32 scale, then the scale stored in bfloat16 (what XNNPACK
+    keeps for group-wise weights)."""
+    lp = LinearPlan(bits, group, method="asym" if asymmetric else "sym", scale_bf16=scale_bf16)
+    return quantize_weight(w, lp).dequantize().to(w.dtype)
 
 
 def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
