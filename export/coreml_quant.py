@@ -111,17 +111,14 @@ def op_inputs(qw: QuantizedWeight, dtype: np.dtype) -> dict[str, np.ndarray]:
     return out
 
 
-def _build_pass(targets: list[_Target]) -> Any:
-    from coremltools.converters.mil import Builder as mb
+def _const_rewrite_pass(rewrite: Any) -> Any:
+    """A graph pass that offers every 2D float ``const`` op to ``rewrite(op, val)``, which
+    builds a replacement var before ``op`` (or returns None to keep it); the replacement
+    takes over all uses and the const is removed."""
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
-    by_key: dict[tuple, _Target] = {}
-    for t in targets:
-        for dt in (np.float16, np.float32):
-            by_key[_key(t.weight.numpy().astype(dt))] = t
-
-    class ReferenceWeightQuantizer(AbstractGraphPass):
+    class ConstRewrite(AbstractGraphPass):
         def apply(self, prog) -> None:  # noqa: ANN001 - pymil Program
             for fn in prog.functions.values():
                 self._block(fn)
@@ -134,52 +131,54 @@ def _build_pass(targets: list[_Target]) -> Any:
                 val = op.outputs[0].val
                 if not isinstance(val, np.ndarray) or val.ndim != 2 or val.dtype not in (np.float16, np.float32):
                     continue
-                t = by_key.get(_key(val))
-                if t is None:
+                new = rewrite(op, val)
+                if new is None:
                     continue
-                t.hits += 1
-                t.stored = np.dtype(val.dtype).name
-                new = mb.constexpr_blockwise_shift_scale(**op_inputs(t.quantized(), val.dtype), before_op=op,
-                                                         name=op.name + "_quantized")
                 block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
                                                    no_check_var_types=True)
                 block.remove_ops([op])
 
-    return ReferenceWeightQuantizer()
+    return ConstRewrite()
+
+
+def _build_pass(targets: list[_Target]) -> Any:
+    """Planned weights become ``constexpr_blockwise_shift_scale`` with the reference's numbers."""
+    from coremltools.converters.mil import Builder as mb
+
+    by_key: dict[tuple, _Target] = {}
+    for t in targets:
+        for dt in (np.float16, np.float32):
+            by_key[_key(t.weight.numpy().astype(dt))] = t
+
+    def quantize(op, val: np.ndarray) -> Any:  # noqa: ANN001 - pymil op
+        t = by_key.get(_key(val))
+        if t is None:
+            return None
+        t.hits += 1
+        t.stored = np.dtype(val.dtype).name
+        return mb.constexpr_blockwise_shift_scale(**op_inputs(t.quantized(), val.dtype), before_op=op,
+                                                  name=op.name + "_quantized")
+
+    return _const_rewrite_pass(quantize)
 
 
 MIN_WEIGHT_ELEMENTS = 4096  # smaller fp32 constants are not worth an op
 
 
 def _build_fp16_storage_pass(stats: dict[str, int]) -> Any:
+    """fp32 matmul weights stored as fp16 (``constexpr_cast`` back to fp32 at load)."""
     from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
-    from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
-    class Fp16WeightStorage(AbstractGraphPass):
-        def apply(self, prog) -> None:  # noqa: ANN001
-            for fn in prog.functions.values():
-                self._block(fn)
+    def to_fp16(op, val: np.ndarray) -> Any:  # noqa: ANN001 - pymil op
+        users = op.outputs[0].child_ops
+        if (val.dtype != np.float32 or val.size < MIN_WEIGHT_ELEMENTS or not users
+                or any(u.op_type not in ("linear", "matmul") for u in users)):
+            return None
+        stats["fp16_stored_fp32_weights"] += 1
+        return mb.constexpr_cast(source_val=val.astype(np.float16), output_dtype="fp32", before_op=op,
+                                 name=op.name + "_fp16")
 
-        @block_context_manager
-        def _block(self, block) -> None:  # noqa: ANN001
-            for op in list(block.operations):
-                if op.op_type != "const":
-                    continue
-                val = op.outputs[0].val
-                users = op.outputs[0].child_ops
-                if (not isinstance(val, np.ndarray) or val.dtype != np.float32 or val.ndim != 2
-                        or val.size < MIN_WEIGHT_ELEMENTS or not users
-                        or any(u.op_type not in ("linear", "matmul") for u in users)):
-                    continue
-                new = mb.constexpr_cast(source_val=val.astype(np.float16), output_dtype="fp32",
-                                        before_op=op, name=op.name + "_fp16")
-                block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
-                                                   no_check_var_types=True)
-                block.remove_ops([op])
-                stats["fp16_stored_fp32_weights"] += 1
-
-    return Fp16WeightStorage()
+    return _const_rewrite_pass(to_fp16)
 
 
 def finish_weights(mlmodel: Any, model: nn.Module, plan: QuantPlan, fp16_program: bool) -> tuple[Any, dict[str, Any]]:
