@@ -89,38 +89,55 @@ def export_phonekit(out: Path, context: int, quant: str) -> tuple[Path, float]:
     return bundle / "model.pte", time.perf_counter() - t0
 
 
-def run_runner(pte: Path, tokenizer: Path, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Median prefill/decode tokens/s over ``repeats`` generations in TextLLMRunner."""
+def _generate(runner, new_tokens: int) -> tuple[float, float]:  # noqa: ANN001 - TextLLMRunner
+    from executorch.extension.llm.runner import GenerationConfig
+
+    stats = []
+    runner.reset()
+    runner.generate(PROMPT, GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, echo=False),
+                    stats_callback=stats.append)
+    s = stats[-1]
+    prefill_s = (s.prompt_eval_end_ms - s.inference_start_ms) / 1000
+    decode_s = (s.inference_end_ms - s.prompt_eval_end_ms) / 1000
+    return s.num_prompt_tokens / prefill_s, (s.num_generated_tokens - 1) / decode_s
+
+
+def run_runners(ptes: list[Path], tokenizer: Path, new_tokens: int, repeats: int) -> list[dict[str, float]]:
+    """Median prefill/decode tokens/s per .pte in TextLLMRunner. The programs take turns, one
+    generation each per round, so a slow spell of a shared machine hits all of them alike
+    (back-to-back blocks of runs differed by up to 30% between two runs of the same files)."""
     import executorch.kernels.quantized  # noqa: F401 - quantized embedding kernels for the runner
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - llama::custom_sdpa / update_cache
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from executorch.extension.llm.runner import TextLLMRunner
 
-    runner = TextLLMRunner(str(pte), str(tokenizer))
-    rows = []
-    for _ in range(repeats + 1):  # the first run warms up
-        stats = []
-        runner.reset()
-        runner.generate(PROMPT, GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, echo=False),
-                        stats_callback=stats.append)
-        s = stats[-1]
-        prefill_s = (s.prompt_eval_end_ms - s.inference_start_ms) / 1000
-        decode_s = (s.inference_end_ms - s.prompt_eval_end_ms) / 1000
-        rows.append((s.num_prompt_tokens / prefill_s, (s.num_generated_tokens - 1) / decode_s))
-    rows = sorted(rows[1:], key=lambda r: r[1])
-    mid = rows[len(rows) // 2]
-    return {"prefill_tok_s": round(mid[0], 1), "decode_tok_s": round(mid[1], 1)}
+    runners = [TextLLMRunner(str(p), str(tokenizer)) for p in ptes]
+    for r in runners:  # warm-up
+        _generate(r, new_tokens)
+    rows: list[list[tuple[float, float]]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for i, r in enumerate(runners):
+            rows[i].append(_generate(r, new_tokens))
+    out = []
+    for rr in rows:
+        med = lambda k: sorted(x[k] for x in rr)[len(rr) // 2]  # noqa: E731
+        out.append({"prefill_tok_s": round(med(0), 1), "decode_tok_s": round(med(1), 1)})
+    return out
 
 
-def label(q: dict) -> str:
+def label(manifest: dict) -> str:
+    q = manifest["quantization"]
     emb = q.get("embedding") or {}
-    return f"phonekit {q['scheme']}:{q['weight_method']}, embedding/head {emb.get('bits') or 'float'}-bit"
+    pte = next(a for a in manifest["artifacts"] if a["format"] == "pte")
+    merged = [m.split(" ")[0] for m in pte.get("details", {}).get("fused_projections", [])]
+    fused = f", merged {' and '.join(merged)}" if merged else ", projections unfused"
+    return f"phonekit {q['scheme']}:{q['weight_method']}, embedding/head {emb.get('bits') or 'float'}-bit{fused}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--phonekit-quant", nargs="+", default=["8da4w", "8da4w:sym"],
@@ -137,19 +154,20 @@ def main() -> None:
         m = json.loads((b / "manifest.json").read_text())
         if m["context_length"] != args.context:
             raise SystemExit(f"--phonekit-bundle {b} has context {m['context_length']}, not --context {args.context}")
-        runs.append((label(m["quantization"]), b / "model.pte", float("nan")))
+        runs.append((label(m), b / "model.pte", float("nan")))
     if not args.phonekit_bundle:
         for q in args.phonekit_quant:
             pte, t = export_phonekit(args.out, args.context, q)
-            runs.append((label(json.loads((pte.parent / "manifest.json").read_text())["quantization"]), pte, t))
+            runs.append((label(json.loads((pte.parent / "manifest.json").read_text())), pte, t))
     if args.executorch_pte:
         runs.append(("executorch export_llm", args.executorch_pte, float("nan")))
     else:
         runs.append(("executorch export_llm", *export_executorch(args.out.absolute(), args.context)))
     tok = runs[0][1].parent / "tokenizer.json"
     results = {"context": args.context, "threads": args.threads, "prompt": PROMPT, "new_tokens": args.new_tokens}
-    for name, pte, t in runs:
-        results[name] = {"pte_bytes": pte.stat().st_size, "export_s": round(t, 1), **run_runner(pte, tok, args.new_tokens, args.repeats)}
+    speeds = run_runners([pte for _, pte, _ in runs], tok, args.new_tokens, args.repeats)
+    for (name, pte, t), speed in zip(runs, speeds):
+        results[name] = {"pte_bytes": pte.stat().st_size, "export_s": round(t, 1), **speed}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

@@ -5,7 +5,8 @@ The program has one method, ``forward(tokens[1, S], input_pos[S]) -> logits[1, V
 the context length, plus the constant methods ExecuTorch's C++ LLM runner reads
 (``get_max_seq_len``, ``get_max_context_len``, ``get_eos_ids``, ...). The runner's
 ``get_max_seq_len`` equals the cache length: a smaller one makes the 1.5.1 runner
-treat the model as sliding-window and run past the cache.
+treat the model as sliding-window and run past the cache. Projections that read the
+same input (q/k/v, gate/up) are merged into one linear each before export (quant.fuse).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from phonekit.errors import ExportError
 from phonekit.export.bundle import Artifact
+from phonekit.quant.fuse import fuse_projections
 from phonekit.quant.plan import QuantPlan
 
 PTE_NAME = "model.pte"
@@ -61,9 +63,10 @@ class CustomSdpaAttention(nn.Module):
         a = self.attn
         bsz, seq, _ = x.shape
         rope = a.rope[0]
-        q = rope(a.q_proj(x).view(bsz, seq, a.n_heads, a.head_dim), cos, sin)
-        k = rope(a.k_proj(x).view(bsz, seq, a.n_kv, a.head_dim), cos, sin)
-        v = a.v_proj(x).view(bsz, seq, a.n_kv, a.head_dim)
+        q, k, v = a.project(x)
+        q = rope(q.view(bsz, seq, a.n_heads, a.head_dim), cos, sin)
+        k = rope(k.view(bsz, seq, a.n_kv, a.head_dim), cos, sin)
+        v = v.view(bsz, seq, a.n_kv, a.head_dim)
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + seq <= cache.max_len)
@@ -170,6 +173,7 @@ def export(lm: Any, plan: QuantPlan, context: int, root: Path, steps: Any, custo
     with steps.step("quantize (torchao)"):
         model = prepare(lm, plan, context, custom_ops)
         fused = isinstance(model.layers[0].self_attn, CustomSdpaAttention)
+        merged = fuse_projections(model)
     with steps.step("torch.export"):
         try:
             ep = export_program(model, context)
@@ -192,6 +196,7 @@ def export(lm: Any, plan: QuantPlan, context: int, root: Path, steps: Any, custo
             "kv_cache": "fp32 mutable buffers, one slot per block application"
             + (", [1, ctx, n_kv, head_dim] (llama::update_cache)" if fused else ""),
             "attention": "llama::custom_sdpa (ExecuTorch LLM custom op)" if fused else "decomposed (matmul/softmax)",
+            "fused_projections": merged,
             "memory_planned_bytes": sum(planned),
             "delegation": delegation,
             "runner_metadata": runner_metadata(lm, context, fused),

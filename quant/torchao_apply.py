@@ -87,7 +87,8 @@ def _tensor(q: torch.Tensor, scale: torch.Tensor, bits: int, group: int, dynamic
                                     {4: torch.int4, 8: torch.int8}[bits], (1, group), torch.float32, act)
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
+def linear_of(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free linear holding ``weight`` (float or a torchao quantized tensor)."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
     return lin
@@ -100,13 +101,13 @@ def _from_codes(lin: nn.Linear, lp: LinearPlan) -> nn.Module:
     qw = quantize_weight(lin.weight.data.float(), lp)
     group = lp.group_size or lin.in_features
     if qw.zero is None:
-        return _linear(_tensor(qw.q, qw.scale, lp.bits, group, lp.dynamic_act))
+        return linear_of(_tensor(qw.q, qw.scale, lp.bits, group, lp.dynamic_act))
     if lp.offset != "correction":
         raise QuantError(f"weight method {lp.method!r} needs zero points, which ExecuTorch's XNNPACK ignores; "
                          "this plan must carry them as a correction (make_plan with fmt='pte')")
-    main = _linear(_tensor(qw.q, qw.scale, lp.bits, group, lp.dynamic_act))
+    main = linear_of(_tensor(qw.q, qw.scale, lp.bits, group, lp.dynamic_act))
     cq, cs = qw.correction()
-    corr = _linear(_tensor(cq, cs, 8, cq.shape[1], True))
+    corr = linear_of(_tensor(cq, cs, 8, cq.shape[1], True))
     return CorrectedLinear(main, corr, group_average_matrix(lin.in_features, group))
 
 

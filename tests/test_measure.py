@@ -112,11 +112,14 @@ def tiny_pte(tmp_path_factory) -> Path:
 def test_pte_memory_plan_matches_the_estimate_formula(tiny_pte: Path) -> None:
     manifest, config, art, est = bundle_estimate(tiny_pte, "pte")
     planned = art["details"]["memory_planned_bytes"]
-    # MobileLLM on ExecuTorch's fused ops: cache + new K/V outputs, 2 [S, hidden] and 5
-    # [S, H * head_dim] buffers, and one 64-byte slot the planner adds.
-    assert planned == est.components["kv_cache"] + est.components["activations"] + 64
+    # MobileLLM on ExecuTorch's fused ops: cache + new K/V outputs, 2 [S, hidden], 5
+    # [S, H * head_dim] and the merged gate/up output [S, 2 x intermediate]. ExecuTorch's
+    # greedy planner overlaps that last one with the others, so the formula is an upper bound
+    # (here 15% above the plan; 64 bytes are a slot the planner adds).
     kv = 2 * 2 * (2 * 64 * 2 * 16 * 4)  # 2 copies x 2 layers x K+V [1, 64, 2, 16] fp32
-    assert (est.components["kv_cache"], est.components["activations"]) == (kv, (2 * 64 * 64 + 5 * 64 * 64) * 4)
+    assert (est.components["kv_cache"], est.components["activations"]) == (kv, (2 * 64 * 64 + 5 * 64 * 64 + 2 * 64 * 128) * 4)
+    formula = est.components["kv_cache"] + est.components["activations"] + 64
+    assert 0 <= formula / planned - 1 < 0.2, (formula, planned)
     exact = estimate(config, bundle_plans(manifest, config)["pte"], 64, "pte")
     exact_from_artifact(exact, config, art)
     assert exact.components["kv_cache"] + exact.components["activations"] == planned

@@ -77,11 +77,55 @@ def test_quantized_pte_matches_reference(tmp_path, family, scheme, emb):
     assert np.abs(got - ref).max() < 1e-4
     assert np.abs(ref - fp).max() > 1e-2
     assert art.details["delegation"]["delegated_nodes"] > 0
+    n = lm.config.num_hidden_layers
+    want = [f"q_proj+k_proj+v_proj ({n}x)", f"gate_proj+up_proj ({n}x)"] if family == "mobilellm" else []
+    assert art.details["fused_projections"] == want
     if plan.scheme.weight_method in ("affine", "affine-search"):
         # XNNPACK ignores zero points: the offsets ride in correction linears, which XNNPACK takes
         # (PLM's decomposed attention may move one getitem across a partition boundary).
         assert {lp.offset for lp in plan.linears.values()} == {"correction"}
         assert art.details["delegation"]["non_delegated_nodes"] <= _non_delegated_sym(lm, scheme, tmp_path) + 1
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "8da4w:sym", "8da4w:affine-search", "8da8w"])
+def test_fused_projections_compute_the_same_logits(scheme):
+    """q/k/v and gate/up merged into one linear each (quant.fuse) give the unmerged model's
+    logits: every scheme quantizes per output row and per token of the shared input."""
+    from phonekit.quant.fuse import fuse_projections
+    from phonekit.quant.torchao_apply import apply_plan
+
+    lm = make_tiny_lm("mobilellm", layer_sharing=True, seed=23)
+    plan = make_plan(lm.model, parse_scheme(scheme), parse_embedding("none"), "pte")
+    model = copy.deepcopy(lm.model)
+    if not plan.scheme.is_float:
+        apply_plan(model, plan)
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        model.clear_caches()
+        before = model(ids, torch.arange(12))
+        merged = fuse_projections(model)
+        model.clear_caches()
+        after = model(ids, torch.arange(12))
+    n = lm.config.num_hidden_layers  # -LS blocks are merged once, not per application
+    assert merged == [f"q_proj+k_proj+v_proj ({n}x)", f"gate_proj+up_proj ({n}x)"]
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    assert {"qkv_proj", "gate_up_proj"} <= leaves and not leaves & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    assert torch.allclose(before, after, atol=1e-5, rtol=0), (before - after).abs().max()
+
+
+def test_linears_of_different_kinds_are_not_merged():
+    from torch import nn
+
+    from phonekit.quant.fuse import concat_linears
+    from phonekit.quant.plan import LinearPlan
+    from phonekit.quant.torchao_apply import _from_codes
+
+    a, b = nn.Linear(64, 32, bias=False), nn.Linear(64, 16, bias=False)
+    q = _from_codes(nn.Linear(64, 16, bias=False), LinearPlan(4, 32, "sym", dynamic_act=True))
+    assert concat_linears([a, q]) is None
+    assert concat_linears([a, nn.Linear(64, 8, bias=True)]) is None
+    x = torch.randn(3, 64)
+    assert torch.equal(concat_linears([a, b])(x), torch.cat([a(x), b(x)], -1))
 
 
 def _non_delegated_sym(lm, scheme: str, root: Path) -> int:

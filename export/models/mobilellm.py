@@ -137,6 +137,9 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
+    # Projections an exporter may merge into one matmul (quant.fuse); ``project`` reads either form.
+    FUSABLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, args: ModelArgs, rope: Rope) -> None:
         super().__init__()
         self.n_heads = args.num_attention_heads
@@ -149,6 +152,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.rope = [rope]  # shared module, kept out of this module's parameters/buffers
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if hasattr(self, "qkv_proj"):
+            return self.qkv_proj(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -160,9 +168,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         rope = self.rope[0]
-        q = rope(self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = rope(self.k_proj(x).view(bsz, seq, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = rope(q.view(bsz, seq, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = rope(k.view(bsz, seq, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
+        v = v.view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -175,6 +184,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    FUSABLE = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
@@ -182,7 +193,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x) if hasattr(self, "gate_up_proj") else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
