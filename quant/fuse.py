@@ -6,8 +6,8 @@ parameters is a large share of a decode step. Every scheme phonekit exports quan
 per output row (per-channel or per (row, group) scales; an offset correction is per
 row too) and quantizes the activations per token of the shared input, so stacking the
 rows of already-quantized linears computes exactly the same numbers with one op pair
-instead of two or three. The model classes name what may be merged (``FUSABLE``) and
-read the merged module when it is there.
+instead of two or three. The model classes name what may be merged (``FUSABLE``), hold
+the merged slot (None until merged) and read it when it is set.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def fuse_projections(model: nn.Module) -> list[str]:
         if not getattr(module, "FUSABLE", None):
             continue
         for fused_name, names in module.FUSABLE.items():
-            if hasattr(module, fused_name) or not all(hasattr(module, n) for n in names):
+            if getattr(module, fused_name, None) is not None or not all(hasattr(module, n) for n in names):
                 continue
             parts = [getattr(module, n) for n in names]
             merged = concat_linears(parts)

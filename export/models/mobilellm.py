@@ -151,9 +151,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.rope = [rope]  # shared module, kept out of this module's parameters/buffers
+        self.qkv_proj: nn.Module | None = None  # set by quant.fuse, which then drops q/k/v_proj
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if hasattr(self, "qkv_proj"):
+        if self.qkv_proj is not None:
             return self.qkv_proj(x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
@@ -191,9 +192,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # set by quant.fuse, which then drops gate/up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x) if hasattr(self, "gate_up_proj") else (self.gate_proj(x), self.up_proj(x))
+        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 
 
