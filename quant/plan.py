@@ -71,7 +71,8 @@ class QuantPlan:
         return {
             **self.scheme.describe(),
             "embedding": None if self.embedding is None else asdict(self.embedding),
-            "head": "tied to the embedding" + ("" if self.embedding is None else " (quantized with it)")
+            "head": "tied to the embedding" + ("" if self.embedding is None else " (quantized with it"
+                                              + (", int8 per-token activations)" if self.head_dynamic_act else ")"))
             if self.head_tied_to_embedding else ("float" if "lm_head" in self.kept_float else "quantized linear"),
             "quantized_linears": len(self.linears),
             "linear_groups": {k: len(v) for k, v in groups.items()},
@@ -79,6 +80,15 @@ class QuantPlan:
             "notes": list(self.notes),
             **({"source_grid": self.source_grid} if self.source_grid else {}),
         }
+
+
+def _head_dynamic_act(scheme: Scheme, emb_bits: int, fmt: str | None) -> bool:
+    """Whether a tied, quantized head also rounds its input to int8 per token. Always with an
+    ``8da*`` scheme; on the .pte always (XNNPACK runs quantized linears only that way); on
+    ONNX for an 8-bit head, because ONNX Runtime 1.32's weight-only 8-bit ``MatMulNBits``
+    is a naive kernel: the demo's 49152x576 head took 105 ms per token that way, 0.7 ms
+    with int8 activations (bench/onnx_schemes.py: w4 decode 10.6 tok/s before)."""
+    return scheme.dynamic_act or fmt == "pte" or (fmt == "onnx" and emb_bits == 8)
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -96,7 +106,7 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     if scheme.is_float:
         if emb.bits is not None:
             plan.embedding = LinearPlan(emb.bits, emb.group_size, scale_bf16=fmt == "pte" and emb.group_size is not None)
-            plan.head_dynamic_act = fmt == "pte"
+            plan.head_dynamic_act = _head_dynamic_act(scheme, emb.bits, fmt)
         else:
             plan.kept_float.append("embed_tokens")
         return plan
@@ -117,7 +127,7 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
         if emb.group_size is not None and model.embed_tokens.weight.shape[1] % emb.group_size:
             raise QuantError(f"--quant-embedding 4w: group {emb.group_size} does not divide the embedding width; use 8w")
         plan.embedding = LinearPlan(emb.bits, emb.group_size, scale_bf16=fmt == "pte" and emb.group_size is not None)
-        plan.head_dynamic_act = scheme.dynamic_act or fmt == "pte"
+        plan.head_dynamic_act = _head_dynamic_act(scheme, emb.bits, fmt)
     else:
         plan.kept_float.append("embed_tokens")
     if not tied:
