@@ -53,8 +53,9 @@ def demo_onnx(demo_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx-demo")
     with torch_threads(1):  # the int4 quantization runs torch ops
         fp32, fp32_art, _ = export_bundle(demo_lm, root / "fp32", "fp32", context=CTX)
-        q, q_art, _ = export_bundle(demo_lm, root / "8da4w", "8da4w", context=CTX)
-        w4, w4_art, _ = export_bundle(demo_lm, root / "w4", "w4", context=CTX)
+        # As `phonekit export` makes them: the default --quant-embedding auto (8-bit tied head).
+        q, q_art, _ = export_bundle(demo_lm, root / "8da4w", "8da4w", "auto", context=CTX)
+        w4, w4_art, _ = export_bundle(demo_lm, root / "w4", "w4", "auto", context=CTX)
     return {"fp32": fp32, "fp32_art": fp32_art, "q": q, "q_art": q_art, "w4": w4, "w4_art": w4_art}
 
 
