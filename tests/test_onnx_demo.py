@@ -9,11 +9,11 @@ million, see export/onnx_export.py), so the checks are genai agreement and the a
 
 The France answer hangs on a small first-token margin ("The" vs "L"): 0.08 nats in fp32,
 0.27 in the 8da4w artifact and 0.11 in w4 (measured with this ONNX Runtime on this
-machine); a flipped int8 rounding tie moves logits by ~0.03. An earlier 8da4w export
-(unmerged projections), equal to its reference up to float rounding, tipped to
-"L'Étoile de France ... is the capital of France."; the current one (q/k/v and gate/up
-merged: other float sums, other ties) says "The capital of France is Paris, France."
-Both artifacts are checked for Paris.
+machine); a flipped int8 rounding tie moves logits by ~0.03. With a float head
+(--quant-embedding none) the 8da4w artifact, equal to its reference up to float
+rounding, tips to "L'Étoile de France ... is the capital of France."; as phonekit export
+makes it (8-bit tied head) it says "The capital of France is Paris, France." Both
+artifacts here are the export's defaults and are checked for Paris.
 """
 
 from __future__ import annotations
