@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,18 +34,13 @@ def model_bytes(bundle: Path) -> int:
 
 
 def _generate(sess, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:  # noqa: ANN001 - OnnxSession
-    import numpy as np
+    """Prefill and decode tokens/s of one greedy generation through ``phonekit run``'s loop."""
+    from phonekit.export.runtime import greedy
 
-    sess.reset()
-    t0 = time.perf_counter()
-    tok = int(np.argmax(sess.forward(prompt_ids, 0)))
-    t1 = time.perf_counter()
-    pos = len(prompt_ids)
-    for _ in range(new_tokens - 1):
-        tok = int(np.argmax(sess.forward([tok], pos)))
-        pos += 1
-    t2 = time.perf_counter()
-    return len(prompt_ids) / (t1 - t0), (new_tokens - 1) / (t2 - t1)
+    stats = []
+    for _ in greedy(sess, prompt_ids, new_tokens, eos_ids=[], stats=stats):
+        pass
+    return stats[-1].prefill_tps, stats[-1].decode_tps
 
 
 def main() -> None:

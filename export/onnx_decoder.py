@@ -76,6 +76,7 @@ class DecoderInfo:
     float_matmul_nodes: int = 0
     matmul_integer_nodes: int = 0
     act_quant_nodes: int = 0
+    head_int8: bool = False  # the tied quantized head runs as MatMulInteger (int8 per-token input)
 
 
 class _Ops:
@@ -436,6 +437,7 @@ class _Builder(_Ops):
         w = self._param("embed_tokens.weight")
         hp = self.head_plan()
         if hp is not None:
+            self.info.head_int8 = self.int8_path(hp)
             return self.quant_linear(h, "embed_tokens", w, hp)
         # Gemm reads the embedding [V, D] as B with transB, so the tied matrix is stored once
         # and no transposed copy appears (a Transpose node would be folded into a second one).

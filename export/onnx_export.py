@@ -202,10 +202,9 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
         OFFSET_CORRECTION: "zero-point-free MatMulNBits/MatMulInteger + (per-group sums of x) @ C.T, C = -zero * scale "
                       "(float32 [groups, N], initializer <name>.offset_t)",
     }
-    int8_head = emb is not None and emb.bits == 8 and plan.head_dynamic_act and opts.act_method == "qdq"
     head = ("Gemm(transB) on the float embedding (stored once)" if plan.head_tied_to_embedding and emb is None else
             "MatMulInteger on the embedding's int8 codes [D, V] (stored once), input rounded to int8 per token"
-            if plan.head_tied_to_embedding and int8_head else
+            if plan.head_tied_to_embedding and info.head_int8 else
             "MatMulNBits on the embedding's packed int weights (stored once)" if plan.head_tied_to_embedding else
             "MatMulNBits" if "lm_head" in plan.linears else "float MatMul")
     return {
