@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/phonekit run $(DEMO_BUNDLE) --format pte --chat --prompt "What is the capital of France?" --max-new-tokens 32
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) out bundles .pytest_cache

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_lm, write_hf_checkpoint
+from conftest import DEMO_PTE_GROUP, make_tiny_lm, write_hf_checkpoint
 from phonekit.errors import BundleError
 from phonekit.export.bundle import read_manifest
 from phonekit.export.cli import main
@@ -126,10 +126,10 @@ def test_pte_memory_plan_matches_the_estimate_formula(tiny_pte: Path) -> None:
 
 
 @pytest.mark.demo
-@pytest.mark.xdist_group("demo")
 # Core ML runs only on macOS/iOS; its NumPy interpreter here says nothing about Core ML's memory,
 # so the Core ML measurement is not part of this Linux suite (see README, "Memory budget").
-@pytest.mark.parametrize("fmt", ["pte", "onnx"])
+@pytest.mark.parametrize("fmt", [pytest.param("pte", marks=pytest.mark.xdist_group(DEMO_PTE_GROUP)),
+                                 pytest.param("onnx", marks=pytest.mark.xdist_group("demo"))])
 def test_demo_estimate_within_15_percent_of_measured(fmt: str, request, tmp_path_factory) -> None:
     """Acceptance (issue 4): on the demo model (context 256, tests/conftest.py), every format
     this machine can run is measured with its real runtime (prompt 248 + 8 decode steps) and

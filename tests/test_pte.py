@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import DEMO_PTE_GROUP, make_tiny_lm
 
 from phonekit.export import pte_export
 from phonekit.export.progress import Steps
@@ -158,7 +158,8 @@ def test_bad_group_size_is_a_clear_error(capsys):
     assert not Path("/tmp/never-written-g128").exists()
 
 
-@pytest.mark.xdist_group("demo")
+@pytest.mark.demo
+@pytest.mark.xdist_group(DEMO_PTE_GROUP)
 def test_demo_pte_in_executorch_llm_runner(demo_pte_bundle, demo_lm):
     """The same C++ runner the Android LlmModule and the iOS TextRunner wrap, with the bundle's tokenizer."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
@@ -222,7 +223,7 @@ def test_repeated_ngrams_measures_loops():
 
 
 @pytest.mark.demo
-@pytest.mark.xdist_group("demo")
+@pytest.mark.xdist_group(DEMO_PTE_GROUP)
 def test_demo_4bit_pte_stays_coherent_where_fp32_does(demo_pte_bundle, demo_lm):
     """Naive 4-bit weights make small models loop; the default 8da4w .pte (affine int4
     groups, int8 activations) repeats no more 4-grams than fp32 does over 128 greedy
