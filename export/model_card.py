@@ -155,6 +155,10 @@ def _holds(model: dict[str, Any], quant: dict[str, Any], tok: dict[str, Any], co
     ]
     if quant.get("head"):
         rows.append(("Output head", quant["head"]))
+    sm = quant.get("smoothing")
+    if isinstance(sm, dict):
+        rows.append(("Activation smoothing", f"SmoothQuant, alpha {sm.get('alpha')}, {sm.get('smoothed_inputs')} linear inputs, "
+                                             f"calibrated on {sm.get('calibration_tokens')} tokens"))
     rows.append(("Kept float", ", ".join(f"`{k}`" for k in quant["kept_float"]) or "none"))
     files = ", ".join(f"`{f['path']}`" for f in tok["files"]) or "none (random weights: this bundle cannot turn text into tokens)"
     rows.append(("Tokenizer", f"{files}; vocabulary {tok['vocab_size']}, bos {tok['bos_id']}, "

@@ -35,6 +35,7 @@ from phonekit.errors import QuantError, UsageError
 from phonekit.quant.plan import QuantPlan, make_plan
 from phonekit.quant.reference import fake_quantize_model
 from phonekit.quant.schemes import WEIGHT_METHODS
+from phonekit.quant.smooth import DEFAULT_ALPHA, smooth_model
 from phonekit.quant.schemes import EmbeddingScheme, Scheme, parse_embedding, parse_scheme
 
 DEFAULT_CONTEXT = 512
@@ -225,21 +226,25 @@ def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], An
 # --- scheme variants ------------------------------------------------------------------
 
 _OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
+_SMOOTH = re.compile(r"^smooth(?:=([0-9.]+))?$")
+CALIBRATION_TOKENS = 4096  # the shipped text's last tokens; the default evaluation reads its first 8192
 
 
 @dataclass(frozen=True)
 class Variant:
     """A scheme plus eval-only research options: ``SCHEME[:OPT,OPT...]`` where OPT is a
     weight method (``asym``, ``affine``, ``sym-search``, ``affine-search``, ``hqq``; default
-    ``sym``, the scheme's own min/max meaning) or ``emb=auto|none|8w|4w`` (embedding and tied
+    ``sym``, the scheme's own min/max meaning), ``emb=auto|none|8w|4w`` (embedding and tied
     head; default ``auto`` as in ``phonekit export``: int8 per row for a tied head of a
-    quantized scheme)."""
+    quantized scheme) or ``smooth[=ALPHA]`` (SmoothQuant activation smoothing, quant/smooth.py,
+    for the 8da* schemes; calibrated on the shipped text's last 4,096 tokens)."""
 
     text: str
     scheme: Scheme
     embedding: EmbeddingScheme
     method: str | None = None  # None = the scheme's default weight rounding
     explicit_embedding: bool = False  # emb= given in the options (shown in the label)
+    smooth: float | None = None  # SmoothQuant alpha; None = no smoothing
 
     @property
     def weight_method(self) -> str | None:
@@ -250,6 +255,8 @@ class Variant:
         parts = [] if self.method is None else [self.method]
         if self.explicit_embedding:
             parts.append(f"emb={self.embedding.name}")
+        if self.smooth is not None:
+            parts.append(f"smooth={self.smooth:g}")
         return self.scheme.name + (":" + ",".join(parts) if parts else "")
 
 
@@ -259,19 +266,35 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     emb = parse_embedding(default_embedding)
     method = None
     explicit = False
+    smooth = None
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
+        sm = _SMOOTH.match(opt)
         if m:
             emb = parse_embedding(m.group(2))
             explicit = True
         elif opt in WEIGHT_METHODS:
             method = opt
+        elif sm:
+            smooth = float(sm.group(1)) if sm.group(1) else DEFAULT_ALPHA
+            if not 0.0 < smooth < 1.0:
+                raise QuantError(f"--quant {text!r}: smooth={sm.group(1)} must be between 0 and 1, e.g. smooth={DEFAULT_ALPHA}")
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
-                             f"({', '.join(WEIGHT_METHODS)}) or emb=auto|none|8w|4w, e.g. 8da4w:affine,emb=8w")
+                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w or smooth[=ALPHA], e.g. 8da4w:affine,emb=8w")
     if method is not None and scheme.is_float:
         raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
-    return Variant(text, scheme, emb, method, explicit)
+    if smooth is not None and not scheme.dynamic_act:
+        raise QuantError(f"--quant {text!r}: smoothing eases int8 activation rounding and {scheme.name} has none; "
+                         "use it with 8da8w or 8da4w")
+    return Variant(text, scheme, emb, method, explicit, smooth)
+
+
+def calibration_windows(tokenizer: Any, context: int = DEFAULT_CONTEXT) -> list[torch.Tensor]:
+    """The shipped text's last ``CALIBRATION_TOKENS`` tokens in windows of ``context``: the
+    activation statistics smoothing needs, from text the default evaluation does not score."""
+    ids = tokenizer.encode(read_text(None)[0], add_bos=False)[-CALIBRATION_TOKENS:]
+    return [torch.tensor(ids[i:i + context], dtype=torch.long) for i in range(0, len(ids), context)]
 
 
 def detached_copy(model: nn.Module) -> nn.Module:
@@ -293,11 +316,16 @@ def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> Quan
 
 @torch.no_grad()
 def quantized_model(model: nn.Module, variant: Variant, backend: str = "reference",
-                    fmt: str | None = None) -> tuple[nn.Module, QuantPlan]:
+                    fmt: str | None = None, calibration: list[torch.Tensor] | None = None) -> tuple[nn.Module, QuantPlan]:
     """A quantized copy of ``model`` (``model`` is left as it is). ``backend`` torchao is
-    the eager model ExecuTorch lowers, so its plan is the .pte's."""
+    the eager model ExecuTorch lowers, so its plan is the .pte's. A smoothed variant needs
+    ``calibration`` windows."""
     check_backend(backend, fmt)
     m = detached_copy(model)
+    if variant.smooth is not None:
+        if not calibration:
+            raise QuantError(f"{variant.label}: smoothing needs calibration windows")
+        smooth_model(m, calibration, variant.smooth)
     plan = plan_for(m, variant, "pte" if backend == "torchao" else fmt)
     if variant.scheme.base == "fp16":
         # fp16 storage: weights rounded to half, arithmetic kept in fp32 (CPU half matmuls are slow
@@ -329,12 +357,15 @@ class VariantResult:
         v = self.variant
         # The plan's embedding scheme is the resolved one (``auto`` becomes 8w or none per model).
         return {"scheme": v.scheme.name, "variant": v.label, "weights": v.weight_method or "float", "embedding": self.plan.embedding_scheme.name,
-                "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary()}
+                "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary(),
+                "smoothing": None if v.smooth is None else {"method": "smoothquant", "alpha": v.smooth,
+                                                            "calibration": f"shipped text, last {CALIBRATION_TOKENS} tokens"}}
 
 
 def evaluate_variant(model: nn.Module, variant: Variant, ref: FloatReference, backend: str = "reference",
-                     on_window: Callable[[int], Any] | None = None, fmt: str | None = None) -> VariantResult:
-    qm, plan = quantized_model(model, variant, backend, fmt)
+                     on_window: Callable[[int], Any] | None = None, fmt: str | None = None,
+                     calibration: list[torch.Tensor] | None = None) -> VariantResult:
+    qm, plan = quantized_model(model, variant, backend, fmt, calibration)
     try:
         cmp = evaluate_fn(model_logits_fn(qm), ref, on_window)
     finally:

@@ -62,6 +62,8 @@ class QuantPlan:
     notes: list[str] = field(default_factory=list)
     # GGUF source grids the plan keeps (quant.source_grid), filled in by the export.
     source_grid: dict[str, Any] | None = None
+    # Activation smoothing applied to the float model before this plan (quant.smooth), if any.
+    smoothing: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The manifest's record of what was applied."""
@@ -79,6 +81,7 @@ class QuantPlan:
             "kept_float": list(self.kept_float),
             "notes": list(self.notes),
             **({"source_grid": self.source_grid} if self.source_grid else {}),
+            **({"smoothing": self.smoothing} if self.smoothing else {}),
         }
 
 

@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="schemes to compare with fp32 (default: 8da8w 8da4w). Research options after a colon: "
                         f"a weight rounding ({', '.join(WEIGHT_METHODS)}; default {DEFAULT_METHOD[4]} for 4 bits, "
                         f"{DEFAULT_METHOD[8]} for 8, as phonekit export) "
-                        "and emb=none|8w|4w, e.g. 8da4w:affine,emb=8w")
+                        "emb=none|8w|4w, and smooth[=ALPHA] (SmoothQuant activation smoothing for 8da*, default alpha "
+                        "0.6, calibrated on the shipped text's last 4,096 tokens), e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
     p.add_argument("--text", type=Path, help="UTF-8 text to score (default: the shipped public-domain text)")
@@ -95,8 +96,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phonekit.quant.evaluate import (FloatReference, check_backend, evaluate_variant, model_logits_fn, parse_variant,
-                                         plan_for, read_text, tokenize)
+    from phonekit.quant.evaluate import (CALIBRATION_TOKENS, FloatReference, calibration_windows, check_backend,
+                                         evaluate_variant, model_logits_fn, parse_variant, plan_for, read_text, tokenize)
 
     _check_args(args)
     schemes = args.quant if args.quant else ([] if args.sensitivity else DEFAULT_SCHEMES)
@@ -122,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
     sens_plan = _sensitivity_plan(lm, variants) if args.sensitivity else None
     max_tokens = args.max_tokens if variants else min(args.max_tokens, args.sensitivity_tokens)
     windows = tokenize(lm.tokenizer, text, args.context, max_tokens)
+    calibration = None
+    if any(v.smooth is not None for v in variants):
+        if args.text is None and windows.text_tokens > windows.total_text_tokens - CALIBRATION_TOKENS:
+            raise UsageError(f"--max-tokens {args.max_tokens}: smoothing calibrates on the shipped text's last "
+                             f"{CALIBRATION_TOKENS} tokens, so score at most {windows.total_text_tokens - CALIBRATION_TOKENS} of its tokens")
+        calibration = calibration_windows(lm.tokenizer, args.context)
     ref = FloatReference(model_logits_fn(lm.model), windows)
     progress = _Progress(args.quiet)
     n = len(windows.inputs)
@@ -129,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for v in variants:
         results.append(progress.run(f"{v.label} ({args.backend})", n,
-                                    lambda cb, v=v: evaluate_variant(lm.model, v, ref, args.backend, cb, args.format)))
+                                    lambda cb, v=v: evaluate_variant(lm.model, v, ref, args.backend, cb, args.format, calibration)))
     sens = _run_sensitivity(lm, ref, args, sens_plan, progress) if args.sensitivity else None
     out = {
         "model": lm.model_id,
@@ -201,7 +208,8 @@ def _print(out: dict[str, Any]) -> None:
     t.add_row("fp32", "float", "float", f"{out['fp32']['perplexity']:.3f}", "", "", f"{out['fp32']['seconds']:.0f}s")
     for r in out["results"]:
         emb = "float" if r["embedding"] == "none" else r["embedding"]
-        t.add_row(r["scheme"], r["weights"], emb, f"{r['perplexity']:.3f}", _pct(r["ppl_change"]),
+        sm = r.get("smoothing")
+        t.add_row(r["scheme"] + (f", smooth {sm['alpha']:g}" if sm else ""), r["weights"], emb, f"{r['perplexity']:.3f}", _pct(r["ppl_change"]),
                   _pct(r["top1_agreement"], False), f"{r['seconds']:.0f}s")
     c.print(t)
     s = out["sensitivity"]

@@ -22,6 +22,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "int4, sym for int8), e.g. 8da4w:sym")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
+    p.add_argument("--smooth", action="store_true",
+                   help="SmoothQuant activation smoothing for the 8da* schemes: moves activation outliers into the "
+                        "weights, calibrated on phonekit's shipped text; helps 8da8w (see README)")
+    p.add_argument("--smooth-alpha", type=float, default=None, metavar="ALPHA",
+                   help="migration strength for --smooth, between 0 and 1 (default 0.6)")
     p.add_argument("--context", type=int, default=None, help="KV-cache length = maximum tokens (default: min(model max, 2048))")
     p.add_argument("--device", action="append", default=[], metavar="PROFILE",
                    help="refuse the export when over budget on this device (repeatable; name, alias or .toml path)")
@@ -93,11 +98,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--budget-fraction {args.budget_fraction}: must be in (0, 1]")
     if args.out.exists() and not args.force:
         raise UsageError(f"--out {args.out}: already exists; choose a new folder or pass --force to replace it")
+    alpha = _smooth_alpha(args)
     steps = Steps(quiet=args.quiet or args.json)
     with steps.step(f"load {args.model}"):
         lm = load_model(args.model, random_weights=args.random_weights)
     context = resolve_context(lm, args.context)
+    smoothing = _smooth(lm, args.model, alpha, steps) if alpha is not None else None
     plans = plans_for(lm, args.quant, args.quant_embedding, formats, explicit)
+    for plan in plans.values():
+        plan.smoothing = smoothing
+        if smoothing and not plan.scheme.dynamic_act:
+            plan.notes.append(f"--smooth: the float model was smoothed for the int8 activations of --quant {args.quant}; "
+                              f"{plan.scheme.name} has float activations, so here it only moves weights")
     budget = None
     if args.device:
         from phonekit.profiles.gate import check_gate
@@ -124,6 +136,37 @@ def run(args: argparse.Namespace) -> int:
             steps.console.print(f"{a['format']:>7}  {a['file']:<24} {a['bytes'] / 1e6:8.1f} MB  {a['backend']}")
         steps.console.print(f"bundle: {args.out}")
     return 0
+
+
+def _smooth_alpha(args: argparse.Namespace) -> float | None:
+    """The --smooth alpha, None without --smooth; bad combinations fail before the model loads."""
+    from phonekit.quant import parse_scheme
+    from phonekit.quant.smooth import DEFAULT_ALPHA
+
+    if not args.smooth:
+        if args.smooth_alpha is not None:
+            raise UsageError(f"--smooth-alpha {args.smooth_alpha}: only means something with --smooth; add --smooth")
+        return None
+    if not parse_scheme(args.quant).dynamic_act:
+        raise UsageError(f"--smooth: smoothing eases int8 activation rounding and --quant {args.quant} has none; "
+                         "use it with 8da8w or 8da4w, or drop --smooth")
+    alpha = DEFAULT_ALPHA if args.smooth_alpha is None else args.smooth_alpha
+    if not 0.0 < alpha < 1.0:
+        raise UsageError(f"--smooth-alpha {alpha}: must be between 0 and 1, e.g. {DEFAULT_ALPHA}")
+    return alpha
+
+
+def _smooth(lm: Any, model_name: str, alpha: float, steps: Any) -> dict[str, Any]:
+    """Smooth the loaded float model in place (every format then exports the smoothed one)."""
+    from phonekit.quant.evaluate import CALIBRATION_TOKENS, DEFAULT_CONTEXT, EVAL_TEXT, calibration_windows
+    from phonekit.quant.smooth import smooth_model
+
+    if lm.tokenizer is None:
+        raise UsageError(f"--smooth: {model_name} has no tokenizer (--random-weights), and smoothing calibrates on text; drop --smooth")
+    with steps.step(f"smooth activations (alpha {alpha:g})"):
+        calib = calibration_windows(lm.tokenizer, min(DEFAULT_CONTEXT, lm.config.max_context))
+        info = smooth_model(lm.model, calib, alpha)
+    return {**info.summary(), "calibration_text": f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"}
 
 
 def _write_card(root: Path, manifest: dict[str, Any]) -> None:
