@@ -1,8 +1,8 @@
 """The ONNX exporter on the real demo model (SmolLM2-135M-Instruct), exported once per
 session: fp32 (parity with eager), 8da4w (the default scheme: chat answer, genai) and w4.
 
-Measured here: fp32 logits 6.5e-5..1.0e-4 from eager, which is float32's own noise on
-this model (eager is 9.7e-5 from a float64 run; see the test). The 8da4w artifact is
+Measured here: fp32 logits 7.6e-5..1.4e-4 from eager over several prompts, which is
+float32's own noise on this model (eager is 6-9e-5 from a float64 run; see the test). The 8da4w artifact is
 not compared with the reference logit for logit: on this model the 8da* reference is
 chaotic (its own logits move ~4% when its embedding is perturbed by one part in a
 million, see export/onnx_export.py), so the checks are genai agreement and the answer.
@@ -66,10 +66,10 @@ def test_demo_fp32_logits_and_greedy_match_eager(demo_lm, demo_onnx):
     sess = OnnxSession(demo_onnx["fp32"] / "model.onnx", CTX, threads=1)
     got = sess.run(ids, 0, logits_to_keep=0)
     assert got.shape == want.shape
-    # 1e-4 is float32's own limit here: eager fp32 is ~9.7e-5 from the same weights run in
-    # float64 (logits up to ~30), the ONNX graph ~7.2e-5, and the two ~1.0e-4 apart on this
-    # prompt (6.5e-5 on a 41-token prose one). So: ONNX within 2e-4 of eager and no further
-    # from the float64 result than eager itself is.
+    # 1e-4 is float32's own limit here: eager fp32 is 6.0-8.8e-5 from the same weights run
+    # in float64 (logits up to ~38), the ONNX graph 6.6-9.2e-5, and the two 7.6e-5..1.4e-4
+    # apart depending on the prompt (this one: 8.3e-5 on one machine, 1.0e-4 on another).
+    # So: ONNX within 2e-4 of eager and no further from the float64 result than eager is.
     assert np.abs(got - want).max() < 2e-4
     with torch_threads(1), torch.no_grad():
         m64 = copy.deepcopy(demo_lm.model).double()
