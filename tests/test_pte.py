@@ -162,6 +162,8 @@ def test_bad_group_size_is_a_clear_error(capsys):
 @pytest.mark.xdist_group(DEMO_PTE_GROUP)
 def test_demo_pte_in_executorch_llm_runner(demo_pte_bundle, demo_lm):
     """The same C++ runner the Android LlmModule and the iOS TextRunner wrap, with the bundle's tokenizer."""
+    import executorch.kernels.quantized  # noqa: F401 - the runner resolves kernels (embedding_byte) from this process
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - llama::custom_sdpa / update_cache
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     bundle = demo_pte_bundle
