@@ -35,8 +35,8 @@ from phonekit.errors import QuantError, UsageError
 from phonekit.quant.plan import QuantPlan, make_plan
 from phonekit.quant.reference import fake_quantize_model
 from phonekit.quant.schemes import WEIGHT_METHODS
-from phonekit.quant.smooth import DEFAULT_ALPHA, smooth_model
 from phonekit.quant.schemes import EmbeddingScheme, Scheme, parse_embedding, parse_scheme
+from phonekit.quant.smooth import DEFAULT_ALPHA, smooth_model
 
 DEFAULT_CONTEXT = 512
 # 16 windows of 512. SmolLM2-135M's fp32 forward over 512 tokens measured 7.8 s on the
@@ -228,6 +228,7 @@ def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], An
 _OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
 _SMOOTH = re.compile(r"^smooth(?:=([0-9.]+))?$")
 CALIBRATION_TOKENS = 4096  # the shipped text's last tokens; the default evaluation reads its first 8192
+CALIBRATION_TEXT = f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"  # as eval results and manifests say it
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ class VariantResult:
         return {"scheme": v.scheme.name, "variant": v.label, "weights": v.weight_method or "float", "embedding": self.plan.embedding_scheme.name,
                 "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary(),
                 "smoothing": None if v.smooth is None else {"method": "smoothquant", "alpha": v.smooth,
-                                                            "calibration": f"shipped text, last {CALIBRATION_TOKENS} tokens"}}
+                                                            "calibration_text": CALIBRATION_TEXT}}
 
 
 def evaluate_variant(model: nn.Module, variant: Variant, ref: FloatReference, backend: str = "reference",

@@ -158,7 +158,7 @@ def _smooth_alpha(args: argparse.Namespace) -> float | None:
 
 def _smooth(lm: Any, model_name: str, alpha: float, steps: Any) -> dict[str, Any]:
     """Smooth the loaded float model in place (every format then exports the smoothed one)."""
-    from phonekit.quant.evaluate import CALIBRATION_TOKENS, DEFAULT_CONTEXT, EVAL_TEXT, calibration_windows
+    from phonekit.quant.evaluate import CALIBRATION_TEXT, DEFAULT_CONTEXT, calibration_windows
     from phonekit.quant.smooth import smooth_model
 
     if lm.tokenizer is None:
@@ -166,7 +166,7 @@ def _smooth(lm: Any, model_name: str, alpha: float, steps: Any) -> dict[str, Any
     with steps.step(f"smooth activations (alpha {alpha:g})"):
         calib = calibration_windows(lm.tokenizer, min(DEFAULT_CONTEXT, lm.config.max_context))
         info = smooth_model(lm.model, calib, alpha)
-    return {**info.summary(), "calibration_text": f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"}
+    return {**info.summary(), "calibration_text": CALIBRATION_TEXT}
 
 
 def _write_card(root: Path, manifest: dict[str, Any]) -> None:
