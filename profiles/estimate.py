@@ -2,10 +2,11 @@
 
     total = weights as the backend stores them (quantized codes + scales, float tensors)
           + embedding + a separate head matrix where the backend keeps one
-          + weight copies the runtime makes (repacking)
+          + weight copies the runtime makes (packing a weight that another op still reads)
           + KV cache (the backend's layout, at the bundle's context, one slot per block application)
-          + peak activations (prefill of the whole context) + logits
+          + peak activations (prefill of the whole context; with the runtime allocator's slack) + logits
           + tokenizer files + the runtime's own overhead (measured, see RUNTIME_OVERHEAD)
+            and its per-block session state
 
 Every backend-specific number is a field of ``Layout`` with its reason, so a change in
 an exporter is a one-line change here. The layouts follow what the exporters in
@@ -45,7 +46,7 @@ class Layout:
     per_row_extra_bytes: int  # per output channel of a quantized linear (column sums, packed bias)
     tied_float_head_copy: bool  # a float tied head is a second fp32/fp16 matrix at run time
     tied_quant_head_copy: bool  # a quantized tied head is a second quantized matrix (own codes + scales)
-    repack: tuple[tuple[int, float], ...]  # (bits, extra resident bytes per stored byte) the runtime's prepacking adds
+    tied_quant_head_packed_codes: bool  # a tied quantized head reads the embedding's codes and the runtime packs a copy of them
     load_transient_largest: bool  # while loading, the largest weight matrix is resident twice (stored + packed)
     cache_bytes: int  # one cached value
     cache_copies: float  # copies of the whole cache alive at the peak
@@ -58,6 +59,9 @@ class Layout:
     ffn_buffers: float  # [S, intermediate] buffers alive at the peak
     runtime_overhead: int  # measured, see RUNTIME_OVERHEAD
     zero_point_bytes: float = 4.0  # one group's offset where the runtime stores zero points (float)
+    block_state_bytes: int = 0  # the runtime's session state per block application (graph nodes, kernels)
+    block_state_act_bytes: int = 0  # the same where the graph quantizes activations itself (8da* schemes)
+    arena_slack: float = 0.0  # extra resident bytes per byte of cache + activations the runtime's allocator keeps
 
 
 # Per-runtime overhead: what the runtime itself adds to a process (kernel code pages, thread
@@ -92,7 +96,7 @@ _PTE_COMMON = dict(
     per_row_extra_bytes=4,  # packed GEMM weights carry an fp32 bias/sum per output channel
     # The head is an XNNPACK linear with its own weight; the embedding stays a program constant.
     tied_float_head_copy=True, tied_quant_head_copy=True,
-    repack=(), load_transient_largest=True,
+    tied_quant_head_packed_codes=False, load_transient_largest=True,
     cache_bytes=4, act_bytes=4,
     runtime_overhead=RUNTIME_OVERHEAD["pte"],
 )
@@ -118,35 +122,43 @@ PTE_DECOMPOSED = Layout(**_PTE_COMMON, cache_copies=2.0, score_buffers=2.0, shar
                         hidden_buffers=3.0, attn_buffers=0.0, ffn_buffers=0.0)  # FFN stays inside the delegates
 
 # ONNX Runtime CPU (export/onnx_decoder.py, onnx_quant.py): MatMulNBits int4 (packed 2 per
-# byte, fp32 scale per block = group), int8 per-channel with the row scale repeated per block
-# of K, 8da8w as MatMulInteger (int8 [K, N] + fp32 scale + int32 column sum per channel);
-# fp16 is a storage format (cast to fp32 when the session loads); a quantized tied head is a
-# MatMulNBits on the embedding's initializer (stored once). The cache is fp32
-# past_key_values inputs and present outputs (past + new): both are alive during a call.
-# Measured on the demo model (SmolLM2-135M, 8da4w, context 512, profiles/measure.py):
-# - a float tied head is a Gemm(transB) on the embedding, and the session prepacks its B:
-#   a second fp32 matrix (RSS after load 373 MB with it vs 166 MB with an 8w embedding);
-# - 4-bit MatMulNBits weights are prepacked for MLAS next to the initializers: ~0.85 extra
-#   bytes per stored byte (166 MB after load = 16 runtime + 96 file + 57 for 66.5 MB of int4
-#   linears, with an 8w embedding);
-# - the 8-bit MatMulNBits head of that bundle is prepacked in some runs and not in others
-#   (identical runs load at 166 or 204 MB, bimodal, also with MALLOC_ARENA_MAX=1; at context
-#   256 the peaks are 205.7 or 244.8 MB): 8-bit weights take 0.9 extra bytes per stored byte,
-#   which puts the estimate (225 MB) midway between the two modes;
-# - prefill of 504 tokens adds 60 MB after load: the two cache copies (47 MB) + ~13 MB of
-#   workspace, hence one score buffer plus a few [S, hidden/FFN] ones. Its mask is its own,
-#   [S, T], shared by the layers.
+# byte, fp32 scale per block = group, fp32 offset correction per block for the offset
+# methods), int8 per-channel with the row scale repeated per block of K, 8da8w as
+# MatMulInteger (int8 [K, N] + fp32 scale + int32 column sum per channel); fp16 is a storage
+# format (cast to fp32 when the session loads); a quantized tied head multiplies by the
+# embedding's own initializer (stored once). The cache is fp32 past_key_values inputs and
+# present outputs (past + new): both are alive during a call.
+# Measured on the demo model (SmolLM2-135M; fp32, w8, w4, w4 + 4w embedding, 8da4w, 8da8w at
+# context 256, 8da4w at 512, w8 at 1024; profiles/measure.py, onnxruntime 1.32.0), against
+# the same sessions with "session.disable_prepacking" and with the CPU arena off:
+# - MLAS packs every MatMulNBits (accuracy_level 1) and MatMulInteger weight and the session
+#   frees the original: no copy (prepacking on or off loads within 1 MB, head aside);
+# - a tied head keeps a packed copy, because the embedding lookup still reads the original:
+#   the float head's Gemm(transB) a second fp32 matrix (tied_float_head_copy), a quantized
+#   head a copy of the codes (+29.0 MB with prepacking for the 8w embedding's 28.3 MB codes;
+#   a second ~14 MiB mapping for a 4w embedding's 14.2 MB);
+# - the session's own state grows with the graph: loaded with prepacking off, beyond the
+#   file and the runtime's 16 MB, 2.4 / 5.3 / 11.0 MB for fp32 / w8 / w4 (~0.2 MB per block)
+#   and 17.9 / 20.3 MB for 8da4w / 8da8w, whose explicit per-token activation quantization
+#   gives the graph two to three times the nodes (~0.64 MB per block);
+# - prefill's working set (arena off) is the two cache copies + one score buffer + a few
+#   [S, hidden/FFN] ones: 35.2 / 57.7 / 134.7 MB measured at contexts 256 / 512 / 1024 against
+#   29.4 / 63.6 / 147.8 estimated. ONNX Runtime's CPU arena (on by default, as in the apps)
+#   grows in power-of-two regions and keeps what it touched: +7.4 / +4.1 / +45.6 MB on top,
+#   0.07-0.31 of the working set; 0.2 is counted.
+# The estimate (minus tokenizer files) then sits within 7% of these eight measured peaks.
 ONNX = Layout(
     format="onnx", runtime="onnxruntime (CPU)", float_bytes=4,
     int4_scale_bytes=4, int8_scale_bytes=4, int8_blocked=True,
     per_row_extra_bytes=0,
-    tied_float_head_copy=True, tied_quant_head_copy=False,
-    repack=((4, 0.85), (8, 0.9)), load_transient_largest=False,
+    tied_float_head_copy=True, tied_quant_head_copy=False, tied_quant_head_packed_codes=True,
+    load_transient_largest=False,
     cache_bytes=4, cache_copies=2.0,
     act_bytes=4,
     score_buffers=1.0, shared_mask_buffers=1.0, model_mask=False,
     hidden_buffers=2.0, attn_buffers=0.0, ffn_buffers=1.0,
     runtime_overhead=RUNTIME_OVERHEAD["onnx"],
+    block_state_bytes=200_000, block_state_act_bytes=640_000, arena_slack=0.2,
 )
 
 # Core ML (export/coreml_export.py, coreml_model.py, coreml_quant.py): fp16 weights and
@@ -160,7 +172,7 @@ COREML = Layout(
     int4_scale_bytes=2, int8_scale_bytes=2, int8_blocked=False,
     per_row_extra_bytes=0,
     tied_float_head_copy=False, tied_quant_head_copy=False,
-    repack=(), load_transient_largest=False,
+    tied_quant_head_packed_codes=False, load_transient_largest=False,
     cache_bytes=2, cache_copies=1.0,
     act_bytes=2,
     score_buffers=2.0, shared_mask_buffers=1.0, model_mask=True,
@@ -298,7 +310,6 @@ def _offset(lp: Any) -> str | None:
 def weight_components(config: Any, plan: Any, lay: Layout) -> dict[str, int]:
     """weights, embedding, head and runtime_copies for ``plan`` on layout ``lay``."""
     tied = bool(getattr(config, "tie_word_embeddings", True))
-    repack = dict(lay.repack)
     weights = embedding = head = largest = 0
     copies = 0.0
     for t in inventory(config):
@@ -313,15 +324,14 @@ def weight_components(config: Any, plan: Any, lay: Layout) -> dict[str, int]:
                                          replace(lay, per_row_extra_bytes=0))
                 if tied and lay.tied_quant_head_copy:
                     head = _quant_bytes(t.rows, t.cols, emb.bits, emb.group_size, _offset(emb), lay)
-                elif tied:  # the head multiplies by the embedding's own codes; the runtime may prepack them
-                    copies += repack.get(emb.bits, 0.0) * embedding
+                elif tied and lay.tied_quant_head_packed_codes:
+                    copies += t.rows * t.cols * emb.bits // 8
             continue
         lp = plan.linears.get(t.name)
         if lp is None:
             b = t.rows * t.cols * lay.float_bytes
         else:
             b = _quant_bytes(t.rows, t.cols, lp.bits, lp.group_size, _offset(lp), lay)
-            copies += repack.get(lp.bits, 0.0) * b
             largest = max(largest, b)
         if t.name == "lm_head":
             head = b
@@ -346,6 +356,13 @@ def activation_bytes(config: Any, prefill: int, context: int, lay: Layout) -> in
     return int(values * lay.act_bytes)
 
 
+def session_state_bytes(config: Any, plan: Any, lay: Layout) -> int:
+    """The runtime's per-model state beyond the weights: it grows with the graph, one set of
+    nodes per block application, three times as many where the graph quantizes activations."""
+    act = any(lp.dynamic_act for lp in plan.linears.values())
+    return config.block_applications * (lay.block_state_act_bytes if act else lay.block_state_bytes)
+
+
 def logits_bytes(config: Any) -> int:
     """Every exporter returns the last position's logits only (fp32 [1, vocab]); the head's
     output and the returned copy are both alive once."""
@@ -362,7 +379,7 @@ class Estimator:
         self.layout = layout or layout_for(fmt, plan.scheme.base, config.family)
         self.fixed = weight_components(config, plan, self.layout)
         self.fixed["logits"] = logits_bytes(config)
-        self.fixed["runtime"] = self.layout.runtime_overhead
+        self.fixed["runtime"] = self.layout.runtime_overhead + session_state_bytes(config, plan, self.layout)
         self.notes: list[str] = []
         if tokenizer_bytes is None:
             tokenizer_bytes = config.vocab_size * TOKENIZER_BYTES_PER_ENTRY
@@ -374,8 +391,9 @@ class Estimator:
 
     def _varying(self, context: int, prefill: int) -> dict[str, int]:
         lay = self.layout
-        return {"kv_cache": int(kv_cache_bytes(self.config, context, lay.cache_bytes, self.mla_cache) * lay.cache_copies),
-                "activations": activation_bytes(self.config, prefill, context, lay)}
+        kv = int(kv_cache_bytes(self.config, context, lay.cache_bytes, self.mla_cache) * lay.cache_copies)
+        act = activation_bytes(self.config, prefill, context, lay)
+        return {"kv_cache": kv, "activations": act + int(lay.arena_slack * (kv + act))}
 
     def total(self, context: int, prefill: int | None = None) -> int:
         return sum(self.fixed.values()) + sum(self._varying(context, context if prefill is None else prefill).values())

@@ -9,6 +9,16 @@ peak (``VmHWM``). Footprint = peak - baseline: the model's weights as the runtim
 them, its cache, activations and the runtime's own per-model state, which is what the
 estimate (minus tokenizer files, which the harness does not load) describes.
 
+The child runs with glibc's mmap threshold fixed at its default starting value (128 KiB,
+``MALLOC_MMAP_THRESHOLD_``), so every large block is its own mapping and goes back to the
+system when freed. glibc otherwise raises the threshold after the first large free, and
+whether a later freed block stays in the heap then depends on allocation order, which varies
+with address randomization: identical runs of the demo's ONNX bundle loaded at 168.9 or
+190.8 MiB. Phone allocators (Android's scudo, iOS's libmalloc) map large blocks one by one
+and return them on free, as glibc does with the threshold fixed; with it, repeated runs of
+each of six demo ONNX bundles measured within 1.5 MiB of each other (one 8da8w run in
+twelve loaded 6 MiB lower).
+
     echo '{"factory": "module:function", ...}' | python -m phonekit.profiles.measure   # the child; prints one JSON line
 """
 
@@ -31,6 +41,7 @@ from phonekit.errors import BundleError, UsageError
 
 MARK = "PHONEKIT-MEASURE "
 DEFAULT_DECODE = 8
+MMAP_THRESHOLD = 128 * 1024  # glibc's default; fixed, so large frees return to the system
 # What each runtime imports before it can load a model: imported before the baseline, so
 # import-time memory (mostly torch and the Python bindings, which an app does not carry)
 # is not counted as the model's.
@@ -148,6 +159,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))  # see the module docstring
     try:
         proc = subprocess.run([sys.executable, "-m", "phonekit.profiles.measure"], input=json.dumps(spec),
                               capture_output=True, text=True, timeout=timeout, env=env)

@@ -50,6 +50,23 @@ def alloc_session(hold: int, work: int, vocab: int, context: int) -> AllocSessio
     return AllocSession(hold, work, vocab, context)
 
 
+class FragmentingSession(AllocSession):
+    """Opens like a runtime loading a model: one large block freed (glibc's dynamic threshold
+    would rise to its size), then twenty 2 MB blocks of which only the last is kept."""
+
+    def __init__(self) -> None:
+        first = np.ones(4 * MB, dtype=np.uint8)
+        del first
+        blocks = [np.ones(2 * MB, dtype=np.uint8) for _ in range(20)]
+        super().__init__(0, 0, 100, 64)
+        self.kept = blocks[-1]
+        del blocks
+
+
+def fragmenting_session() -> FragmentingSession:
+    return FragmentingSession()
+
+
 def failing_session() -> None:
     raise RuntimeError("cannot open the model file\nsecond line")
 
@@ -71,6 +88,14 @@ def test_harness_reads_held_and_peak_memory() -> None:
     assert 100 * MB <= m.peak_bytes < 108 * MB
     small = measure_alloc(10 * MB, 0)
     assert 10 * MB <= small.peak_bytes < 16 * MB and small.baseline_bytes > 0
+
+
+def test_harness_counts_freed_large_blocks_as_returned() -> None:
+    """The child fixes glibc's mmap threshold, so the 38 MB freed at open are not counted as
+    held: with the dynamic threshold, those blocks sit in the heap under the kept one and the
+    same session measured 40 MB after open (profiles/measure.py)."""
+    m = measure("test_measure:fragmenting_session", {}, "test", 4, 1, 100, imports=["numpy"], sys_path=[HERE])
+    assert 2 * MB <= m.loaded_bytes < 5 * MB, m
 
 
 def test_harness_errors_are_one_line() -> None:
