@@ -130,7 +130,8 @@ def label(manifest: dict) -> str:
     pte = next(a for a in manifest["artifacts"] if a["format"] == "pte")
     merged = [m.split(" ")[0] for m in pte.get("details", {}).get("fused_projections", [])]
     fused = f", merged {' and '.join(merged)}" if merged else ", projections unfused"
-    return f"phonekit {q['scheme']}:{q['weight_method']}, embedding/head {emb.get('bits') or 'float'}-bit{fused}"
+    passes = ", two-pass head input" if "in two passes" in q.get("head", "") else ""
+    return f"phonekit {q['scheme']}:{q['weight_method']}, embedding/head {emb.get('bits') or 'float'}-bit{passes}{fused}"
 
 
 def main() -> None:
@@ -145,6 +146,7 @@ def main() -> None:
     ap.add_argument("--phonekit-bundle", type=Path, nargs="+", default=[],
                     help="reuse bundles from phonekit export (same --context) instead of exporting")
     ap.add_argument("--executorch-pte", type=Path, help="reuse a .pte from an earlier run's export_llm step")
+    ap.add_argument("--no-executorch", action="store_true", help="run phonekit's programs only (no export_llm)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -159,7 +161,9 @@ def main() -> None:
         for q in args.phonekit_quant:
             pte, t = export_phonekit(args.out, args.context, q)
             runs.append((label(json.loads((pte.parent / "manifest.json").read_text())), pte, t))
-    if args.executorch_pte:
+    if args.no_executorch:
+        pass
+    elif args.executorch_pte:
         runs.append(("executorch export_llm", args.executorch_pte, float("nan")))
     else:
         runs.append(("executorch export_llm", *export_executorch(args.out.absolute(), args.context)))

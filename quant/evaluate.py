@@ -227,6 +227,7 @@ def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], An
 
 _OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
 _SMOOTH = re.compile(r"^smooth(?:=([0-9.]+))?$")
+_HEAD = re.compile(r"^head-passes=(\d+)$")
 CALIBRATION_TOKENS = 4096  # the shipped text's last tokens; the default evaluation reads its first 8192
 CALIBRATION_TEXT = f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"  # as eval results and manifests say it
 
@@ -238,7 +239,9 @@ class Variant:
     ``sym``, the scheme's own min/max meaning), ``emb=auto|none|8w|4w`` (embedding and tied
     head; default ``auto`` as in ``phonekit export``: int8 per row for a tied head of a
     quantized scheme) or ``smooth[=ALPHA]`` (SmoothQuant activation smoothing, quant/smooth.py,
-    for the 8da* schemes; calibrated on the shipped text's last 4,096 tokens)."""
+    for the 8da* schemes; calibrated on the shipped text's last 4,096 tokens) or
+    ``head-passes=1|2`` (how many int8 passes the tied 8-bit head's input takes; default 2,
+    quant.reference.TwoPassHead)."""
 
     text: str
     scheme: Scheme
@@ -246,6 +249,7 @@ class Variant:
     method: str | None = None  # None = the scheme's default weight rounding
     explicit_embedding: bool = False  # emb= given in the options (shown in the label)
     smooth: float | None = None  # SmoothQuant alpha; None = no smoothing
+    head_passes: int | None = None  # None = the plan's own (2 for a tied 8-bit head with int8 inputs)
 
     @property
     def weight_method(self) -> str | None:
@@ -258,6 +262,8 @@ class Variant:
             parts.append(f"emb={self.embedding.name}")
         if self.smooth is not None:
             parts.append(f"smooth={self.smooth:g}")
+        if self.head_passes is not None:
+            parts.append(f"head-passes={self.head_passes}")
         return self.scheme.name + (":" + ",".join(parts) if parts else "")
 
 
@@ -268,9 +274,11 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     method = None
     explicit = False
     smooth = None
+    head_passes = None
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
         sm = _SMOOTH.match(opt)
+        hm = _HEAD.match(opt)
         if m:
             emb = parse_embedding(m.group(2))
             explicit = True
@@ -280,15 +288,20 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
             smooth = float(sm.group(1)) if sm.group(1) else DEFAULT_ALPHA
             if not 0.0 < smooth < 1.0:
                 raise QuantError(f"--quant {text!r}: smooth={sm.group(1)} must be between 0 and 1, e.g. smooth={DEFAULT_ALPHA}")
+        elif hm:
+            head_passes = int(hm.group(1))
+            if head_passes not in (1, 2):
+                raise QuantError(f"--quant {text!r}: head-passes={head_passes}; use 1 or 2")
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
-                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w or smooth[=ALPHA], e.g. 8da4w:affine,emb=8w")
+                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA] or head-passes=1|2, "
+                             "e.g. 8da4w:affine,emb=8w")
     if method is not None and scheme.is_float:
         raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
     if smooth is not None and not scheme.dynamic_act:
         raise QuantError(f"--quant {text!r}: smoothing eases int8 activation rounding and {scheme.name} has none; "
                          "use it with 8da8w or 8da4w")
-    return Variant(text, scheme, emb, method, explicit, smooth)
+    return Variant(text, scheme, emb, method, explicit, smooth, head_passes)
 
 
 def calibration_windows(tokenizer: Any, context: int = DEFAULT_CONTEXT) -> list[torch.Tensor]:
@@ -312,7 +325,13 @@ def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> Quan
     """The plan ``phonekit export --format fmt`` would apply (``fmt`` None: the format-free
     meaning: exact float offsets, fp32 scales)."""
     scheme = variant.scheme if variant.method is None else replace(variant.scheme, method=variant.method)
-    return make_plan(model, scheme, variant.embedding, fmt)
+    plan = make_plan(model, scheme, variant.embedding, fmt)
+    if variant.head_passes is not None:
+        if variant.head_passes == 2 and plan.head_act_passes != 2:
+            raise QuantError(f"--quant {variant.text!r}: head-passes=2 needs a tied 8-bit head with int8 inputs, "
+                             f"which this plan does not have{'' if fmt is None else f' on --format {fmt}'}")
+        plan.head_act_passes = variant.head_passes
+    return plan
 
 
 @torch.no_grad()

@@ -96,6 +96,27 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class TwoPassHead(nn.Module):
+    """A linear with int8 per-token inputs, fed each token twice: x, then r = x - deq(x),
+    what the int8 rounding of x left. ``inner`` rounds each row on its own, so the sum of the
+    two outputs is the product with x's codes plus r's codes: ~16 bits of input for one int8
+    matrix. Both rows go through ``inner`` in one call (stacked on a new leading axis), so the
+    weights are read once, which is what a head's matmul spends its time on. The reference and
+    the .pte wrap their own ``inner``; the ONNX graph builds the same stack."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(torch.stack([x, x - fake_quant_per_token(x)]))
+        return y[0] + y[1]
+
+
 class CorrectedLinear(nn.Module):
     """y = main(x) + corr(group means of x): an offset-method weight on a runtime that
     ignores zero points (XNNPACK). With W = (Q - Z) * S per (row, group) and C = -Z * S,
@@ -248,6 +269,8 @@ def fake_quantize_model(model: nn.Module, plan: QuantPlan) -> nn.Module:
             # The tied head reads the same (quantized) matrix; activations stay float for the head
             # unless the plan quantizes the head as a linear of its own.
             model.lm_head = FakeQuantLinear(w, plan.head_dynamic_act)
+            if plan.head_act_passes == 2:
+                model.lm_head = TwoPassHead(model.lm_head)
     return model
 
 

@@ -84,7 +84,7 @@ def test_quantized_pte_matches_reference(tmp_path, family, scheme, emb):
         # XNNPACK ignores zero points: the offsets ride in correction linears, which XNNPACK takes
         # (PLM's decomposed attention may move one getitem across a partition boundary).
         assert {lp.offset for lp in plan.linears.values()} == {"correction"}
-        assert art.details["delegation"]["non_delegated_nodes"] <= _non_delegated_sym(lm, scheme, tmp_path) + 1
+        assert art.details["delegation"]["non_delegated_nodes"] <= _non_delegated_sym(lm, scheme, tmp_path, emb) + 1
 
 
 @pytest.mark.parametrize("scheme", ["fp32", "8da4w:sym", "8da4w:affine-search", "8da8w"])
@@ -128,8 +128,8 @@ def test_linears_of_different_kinds_are_not_merged():
     assert torch.equal(concat_linears([a, b])(x), torch.cat([a(x), b(x)], -1))
 
 
-def _non_delegated_sym(lm, scheme: str, root: Path) -> int:
-    _, art = _export(lm, scheme.split(":")[0] + ":sym", root / "sym")
+def _non_delegated_sym(lm, scheme: str, root: Path, emb: str) -> int:
+    _, art = _export(lm, scheme.split(":")[0] + ":sym", root / "sym", emb)
     return art.details["delegation"]["non_delegated_nodes"]
 
 

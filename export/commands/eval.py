@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"a weight rounding ({', '.join(WEIGHT_METHODS)}; default {DEFAULT_METHOD[4]} for 4 bits, "
                         f"{DEFAULT_METHOD[8]} for 8, as phonekit export) "
                         "emb=none|8w|4w, and smooth[=ALPHA] (SmoothQuant activation smoothing for 8da*, default alpha "
-                        "0.6, calibrated on the shipped text's last 4,096 tokens), e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
+                        "0.6, calibrated on the shipped text's last 4,096 tokens) and head-passes=1|2 (int8 passes of the "
+                        "tied 8-bit head's input, default 2), e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
     p.add_argument("--text", type=Path, help="UTF-8 text to score (default: the shipped public-domain text)")
@@ -209,7 +210,8 @@ def _print(out: dict[str, Any]) -> None:
     for r in out["results"]:
         emb = "float" if r["embedding"] == "none" else r["embedding"]
         sm = r.get("smoothing")
-        t.add_row(r["scheme"] + (f", smooth {sm['alpha']:g}" if sm else ""), r["weights"], emb, f"{r['perplexity']:.3f}", _pct(r["ppl_change"]),
+        one = ", one-pass head" if "head-passes=1" in r["variant"] else ""
+        t.add_row(r["scheme"] + (f", smooth {sm['alpha']:g}" if sm else "") + one, r["weights"], emb, f"{r['perplexity']:.3f}", _pct(r["ppl_change"]),
                   _pct(r["top1_agreement"], False), f"{r['seconds']:.0f}s")
     c.print(t)
     s = out["sensitivity"]
