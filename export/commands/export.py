@@ -29,7 +29,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="migration strength for --smooth, between 0 and 1 (default 0.6)")
     p.add_argument("--single-pass-head", action="store_true",
                    help="round the tied 8-bit head's input to int8 once instead of twice (input + rounding residual, "
-                        "the default): ~1.4 ms faster per token on the demo, less accurate (see README)")
+                        "the default): the demo's .pte decodes 2-5%% faster, ONNX the same, both less accurate (see README)")
     p.add_argument("--context", type=int, default=None, help="KV-cache length = maximum tokens (default: min(model max, 2048))")
     p.add_argument("--device", action="append", default=[], metavar="PROFILE",
                    help="refuse the export when over budget on this device (repeatable; name, alias or .toml path)")
