@@ -8,12 +8,14 @@ chaotic (its own logits move ~4% when its embedding is perturbed by one part in 
 million, see export/onnx_export.py), so the checks are genai agreement and the answer.
 
 The France answer hangs on a small first-token margin ("The" vs "L"): 0.08 nats in fp32,
-0.27 in the 8da4w artifact and 0.11 in w4 (measured with this ONNX Runtime on this
-machine); a flipped int8 rounding tie moves logits by ~0.03. With a float head
-(--quant-embedding none) the 8da4w artifact, equal to its reference up to float
-rounding, tips to "L'Étoile de France ... is the capital of France."; as phonekit export
-makes it (8-bit tied head) it says "The capital of France is Paris, France." Both
-artifacts here are the export's defaults and are checked for Paris.
+0.16 in the 8da4w artifact and 0.01 in w4 (measured with this ONNX Runtime on this
+machine, the 8-bit head's input in two int8 passes; one pass: 0.27 and 0.11); a flipped
+int8 rounding tie moves logits by ~0.03. With a float head (--quant-embedding none) the
+8da4w artifact, equal to its reference up to float rounding, tips to "L'Étoile de France
+... is the capital of France."; as phonekit export makes it (8-bit tied head) it says "The
+capital of France is Paris, France." So Paris is checked on the 8da4w artifact (the
+default scheme); w4 says "The capital of France is Paris." here too, but by 0.01 nats, which
+another CPU's kernels may flip.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def test_demo_fp32_logits_and_greedy_match_eager(demo_lm, demo_onnx):
     assert demo_onnx["fp32_art"]["bytes"] < demo_lm.num_params() * 4 + 0.01 * emb_bytes
 
 
-def test_demo_w4_chat_answer_through_phonekit_run(demo_onnx, capsys):
-    rc = main(["run", str(demo_onnx["w4"]), "--format", "onnx", "--chat", "--prompt", QUESTION,
+def test_demo_chat_answer_through_phonekit_run(demo_onnx, capsys):
+    rc = main(["run", str(demo_onnx["q"]), "--format", "onnx", "--chat", "--prompt", QUESTION,
                "--max-new-tokens", "24", "--json"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
