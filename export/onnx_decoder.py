@@ -77,7 +77,6 @@ class DecoderInfo:
     matmul_integer_nodes: int = 0
     act_quant_nodes: int = 0
     head_int8: bool = False  # the tied quantized head runs as MatMulInteger (int8 per-token input)
-    head_act_passes: int = 1  # 2: the head's int8 input in two passes (quant.reference.TwoPassHead)
 
 
 class _Ops:
@@ -301,7 +300,6 @@ class _Ops:
         with g.scope("head_residual"):
             r = g.op("Sub", h, self.act_part(self.act_quant(h), "deq"))
             both = g.op("Concat", h, r, axis=-2)
-        self.info.head_act_passes = 2
         first, second = g.op("Split", self.quant_linear(both, name, w, lp), axis=-2, n_out=2)  # equal halves
         return g.op("Add", first, second)
 
@@ -452,7 +450,7 @@ class _Builder(_Ops):
         hp = self.head_plan()
         if hp is not None:
             self.info.head_int8 = self.int8_path(hp)
-            if hp.dynamic_act and plan.head_act_passes == 2:
+            if plan.head_act_passes == 2:  # the plan sets 2 only for a head with int8 inputs
                 return self.two_pass(h, "embed_tokens", w, hp)
             return self.quant_linear(h, "embed_tokens", w, hp)
         # Gemm reads the embedding [V, D] as B with transB, so the tied matrix is stored once

@@ -205,7 +205,7 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
     head = ("Gemm(transB) on the float embedding (stored once)" if plan.head_tied_to_embedding and emb is None else
             "MatMulInteger on the embedding's int8 codes [D, V] (stored once), input rounded to int8 per token"
             + (" in two passes (the input and its rounding residual as extra rows of one MatMulInteger)"
-               if info.head_act_passes == 2 else "")
+               if plan.head_act_passes == 2 else "")
             if plan.head_tied_to_embedding and info.head_int8 else
             "MatMulNBits on the embedding's packed int weights (stored once)" if plan.head_tied_to_embedding else
             "MatMulNBits" if "lm_head" in plan.linears else "float MatMul")
