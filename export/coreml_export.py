@@ -53,6 +53,7 @@ import torch
 from phonekit.errors import ExportError, PhonekitError, QuantError, UsageError
 from phonekit.export.bundle import Artifact
 from phonekit.export.coreml_model import CoreMLDecoder, state_layout
+from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import QuantPlan
 
 PACKAGE = "model.mlpackage"
@@ -254,6 +255,7 @@ def convert(lm: Any, plan: QuantPlan, context: int, out: Path, method: str = "tr
     ct = import_coremltools()
     model = copy.deepcopy(lm.model).float().eval()
     model.clear_caches()
+    apply_head_equalization(model, plan)
     if getattr(model, "naive", False):
         model.naive = False  # the absorbed MLA path is the one that reads the latent cache
     wrapper = CoreMLDecoder(model, context, read_to_end=(method == "trace")).eval()

@@ -159,6 +159,10 @@ def _holds(model: dict[str, Any], quant: dict[str, Any], tok: dict[str, Any], co
     if isinstance(sm, dict):
         rows.append(("Activation smoothing", f"SmoothQuant, alpha {sm.get('alpha')}, {sm.get('smoothed_inputs')} linear inputs, "
                                              f"calibrated on {sm.get('calibration_tokens')} tokens"))
+    eq = [a["format"] for a in arts if (a.get("details", {}).get("quantization", {}) or {}).get("head_equalization")]
+    if eq:
+        rows.append(("Head equalization", "tied 8-bit embedding stored column-equalized (one multiply after the lookup, "
+                                          f"folded into the final norm for the head) in: {', '.join(eq)}"))
     rows.append(("Kept float", ", ".join(f"`{k}`" for k in quant["kept_float"]) or "none"))
     files = ", ".join(f"`{f['path']}`" for f in tok["files"]) or "none (random weights: this bundle cannot turn text into tokens)"
     rows.append(("Tokenizer", f"{files}; vocabulary {tok['vocab_size']}, bos {tok['bos_id']}, "

@@ -32,6 +32,7 @@ from phonekit.errors import QuantError
 from phonekit.export.onnx_graph import MS_DOMAIN, Graph
 from phonekit.export.onnx_quant import (FLOAT_OFFSETS, OFFSET_CORRECTION, OFFSET_FLOAT, OFFSET_UINT8, NBitsLayout,
                                          correction_t, layout_for, offset_storage, pack_nbits)
+from phonekit.quant.equalize import equalized_tensors
 from phonekit.quant.plan import LinearPlan, QuantPlan
 from phonekit.quant.reference import quantize_weight
 
@@ -319,8 +320,13 @@ class _Builder(_Ops):
         self.context = context
         self._rope_full: dict[tuple[str, str], tuple[str, str]] = {}
         self._merge_counts: dict[str, int] = {}
+        # The equalized tied embedding and final norm (quant.equalize), as new tensors, so the
+        # caller's model stays as it is (a multi-format export hands it to the next exporter).
+        self._equalized = equalized_tensors(model, plan.head_equalization["exponent"]) if plan.head_equalization else {}
 
     def _param(self, name: str) -> torch.Tensor:
+        if name in self._equalized:
+            return self._equalized[name]
         return self.model.get_parameter(name).detach()
 
     def linear(self, x: str, name: str) -> str:
@@ -380,6 +386,8 @@ class _Builder(_Ops):
 
         with g.scope("model/embed_tokens"):
             x = self.embed(ids)
+            if "embed_scale" in self._equalized:
+                x = g.op("Mul", x, self.fweight("embed_scale", self._equalized["embed_scale"]))
         with g.scope("model/mask"):
             bias = self.mask_bias(ids, am)
         with g.scope("model/rope"):

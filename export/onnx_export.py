@@ -209,6 +209,9 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
             if plan.head_tied_to_embedding and info.head_int8 else
             "MatMulNBits on the embedding's packed int weights (stored once)" if plan.head_tied_to_embedding else
             "MatMulNBits" if "lm_head" in plan.linears else "float MatMul")
+    if plan.head_equalization:
+        head += ("; the embedding is stored column-equalized (W * s: the lookup is multiplied by embed_scale = 1 / s "
+                 "and 1 / s is folded into norm.weight)")
     return {
         "opset": {"ai.onnx": OPSET, "com.microsoft": MS_OPSET},
         "ir_version": IR_VERSION,

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phonekit.errors import QuantError, UsageError
+from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import QuantPlan, make_plan
 from phonekit.quant.reference import fake_quantize_model
 from phonekit.quant.schemes import WEIGHT_METHODS
@@ -228,6 +229,7 @@ def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], An
 _OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
 _SMOOTH = re.compile(r"^smooth(?:=([0-9.]+))?$")
 _HEAD = re.compile(r"^head-passes=(\d+)$")
+_HEAD_EQ = re.compile(r"^head-eq=(\w+)$")
 CALIBRATION_TOKENS = 4096  # the shipped text's last tokens; the default evaluation reads its first 8192
 CALIBRATION_TEXT = f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"  # as eval results and manifests say it
 
@@ -241,7 +243,9 @@ class Variant:
     quantized scheme) or ``smooth[=ALPHA]`` (SmoothQuant activation smoothing, quant/smooth.py,
     for the 8da* schemes; calibrated on the shipped text's last 4,096 tokens) or
     ``head-passes=1|2`` (how many int8 passes the tied 8-bit head's input takes; default 2,
-    quant.reference.TwoPassHead)."""
+    quant.reference.TwoPassHead) or ``head-eq=0|1`` (the tied 8-bit embedding stored
+    column-equalized, quant.equalize; default where the head's input is float or in two
+    passes)."""
 
     text: str
     scheme: Scheme
@@ -250,6 +254,7 @@ class Variant:
     explicit_embedding: bool = False  # emb= given in the options (shown in the label)
     smooth: float | None = None  # SmoothQuant alpha; None = no smoothing
     head_passes: int | None = None  # None = the plan's own (2 for a tied 8-bit head with int8 inputs)
+    head_eq: bool | None = None  # None = the plan's own
 
     @property
     def weight_method(self) -> str | None:
@@ -264,6 +269,8 @@ class Variant:
             parts.append(f"smooth={self.smooth:g}")
         if self.head_passes is not None:
             parts.append(f"head-passes={self.head_passes}")
+        if self.head_eq is not None:
+            parts.append(f"head-eq={int(self.head_eq)}")
         return self.scheme.name + (":" + ",".join(parts) if parts else "")
 
 
@@ -275,10 +282,12 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     explicit = False
     smooth = None
     head_passes = None
+    head_eq = None
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
         sm = _SMOOTH.match(opt)
         hm = _HEAD.match(opt)
+        em = _HEAD_EQ.match(opt)
         if m:
             emb = parse_embedding(m.group(2))
             explicit = True
@@ -292,16 +301,20 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
             head_passes = int(hm.group(1))
             if head_passes not in (1, 2):
                 raise QuantError(f"--quant {text!r}: head-passes={head_passes}; use 1 or 2")
+        elif em:
+            if em.group(1) not in ("0", "1"):
+                raise QuantError(f"--quant {text!r}: head-eq={em.group(1)}; use 0 or 1")
+            head_eq = em.group(1) == "1"
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
-                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA] or head-passes=1|2, "
+                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA], head-passes=1|2 or head-eq=0|1, "
                              "e.g. 8da4w:affine,emb=8w")
     if method is not None and scheme.is_float:
         raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
     if smooth is not None and not scheme.dynamic_act:
         raise QuantError(f"--quant {text!r}: smoothing eases int8 activation rounding and {scheme.name} has none; "
                          "use it with 8da8w or 8da4w")
-    return Variant(text, scheme, emb, method, explicit, smooth, head_passes)
+    return Variant(text, scheme, emb, method, explicit, smooth, head_passes, head_eq)
 
 
 def calibration_windows(tokenizer: Any, context: int = DEFAULT_CONTEXT) -> list[torch.Tensor]:
@@ -325,12 +338,12 @@ def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> Quan
     """The plan ``phonekit export --format fmt`` would apply (``fmt`` None: the format-free
     meaning: exact float offsets, fp32 scales)."""
     scheme = variant.scheme if variant.method is None else replace(variant.scheme, method=variant.method)
-    plan = make_plan(model, scheme, variant.embedding, fmt)
-    if variant.head_passes is not None:
-        if variant.head_passes == 2 and plan.head_act_passes != 2:
-            raise QuantError(f"--quant {variant.text!r}: head-passes=2 needs a tied 8-bit head with int8 inputs, "
-                             f"which this plan does not have{'' if fmt is None else f' on --format {fmt}'}")
-        plan.head_act_passes = variant.head_passes
+    try:
+        plan = make_plan(model, scheme, variant.embedding, fmt, variant.head_passes, variant.head_eq)
+    except QuantError as e:
+        if str(e).startswith("head"):  # the variant's own head options: name the variant
+            raise QuantError(f"--quant {variant.text!r}: {e}") from None
+        raise
     return plan
 
 
@@ -347,6 +360,7 @@ def quantized_model(model: nn.Module, variant: Variant, backend: str = "referenc
             raise QuantError(f"{variant.label}: smoothing needs calibration windows")
         smooth_model(m, calibration, variant.smooth)
     plan = plan_for(m, variant, "pte" if backend == "torchao" else fmt)
+    apply_head_equalization(m, plan)  # before the fp16 rounding below, as an export rounds the equalized weights
     if variant.scheme.base == "fp16":
         # fp16 storage: weights rounded to half, arithmetic kept in fp32 (CPU half matmuls are slow
         # and phones compute fp16 models with fp32 accumulation anyway).

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from phonekit.errors import QuantError
+from phonekit.quant import equalize
 from phonekit.quant.schemes import OFFSET_METHODS, EmbeddingScheme, Scheme, check_groups
 
 # Linears that are used as raw weights (PLM's absorbed kv_b_proj is split per head
@@ -61,6 +62,8 @@ class QuantPlan:
     # 2: the tied head's int8 input runs in two passes, x's codes and the codes of what their
     # rounding left (quant.reference.TwoPassHead); 1: once, as every other linear.
     head_act_passes: int = 1
+    # The tied 8-bit embedding stored column-equalized (quant.equalize), or None.
+    head_equalization: dict[str, Any] | None = None
     kept_float: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # GGUF source grids the plan keeps (quant.source_grid), filled in by the export.
@@ -86,6 +89,7 @@ class QuantPlan:
             "notes": list(self.notes),
             **({"source_grid": self.source_grid} if self.source_grid else {}),
             **({"smoothing": self.smoothing} if self.smoothing else {}),
+            **({"head_equalization": self.head_equalization} if self.head_equalization else {}),
         }
 
 
@@ -101,17 +105,33 @@ def _head_dynamic_act(scheme: Scheme, emb_bits: int, fmt: str | None) -> bool:
     return scheme.dynamic_act or fmt == "pte" or (fmt == "onnx" and emb_bits == 8)
 
 
-def _set_head_act(plan: QuantPlan, scheme: Scheme, emb_bits: int, fmt: str | None) -> None:
-    """A tied head with int8 inputs rounds them in two passes. Rounding the final hidden
-    state to int8 once cost the demo's 8da8w:smooth 2.6 points of top-1 agreement (92.1% vs
-    94.7% with a float input, 2,048 tokens); the second pass recovers it (94.6%), for one more
-    row per token through a matmul whose time goes to reading the [vocab, hidden] weights.
-    Not on the .pte (yet): there it cost 2-5% decode, and the demo's default 8da4w .pte then
-    looped on one story prompt (0.608 repeated 4-grams against 0.504 with one pass; the
-    coherence test in tests/test_pte.py bounds it at 0.6)."""
-    plan.head_dynamic_act = _head_dynamic_act(scheme, emb_bits, fmt)
-    two = plan.head_dynamic_act and emb_bits == 8 and fmt != "pte"  # a 4-bit head's error is its weights'
-    plan.head_act_passes = 2 if two else 1
+def _set_head_act(plan: QuantPlan, scheme: Scheme, emb: LinearPlan, fmt: str | None,
+                  head_passes: int | None, equalize_head: bool | None) -> None:
+    """How a tied, quantized head takes its input, and whether its rows are column-equalized.
+
+    Two passes: a tied head with int8 inputs rounds them twice (x, then what x's rounding
+    left). Rounding the final hidden state to int8 once cost the demo's 8da8w:smooth 2.6
+    points of top-1 agreement (92.1% vs 94.7% with a float input, 2,048 tokens); the second
+    pass recovers it (94.6%), for one more row per token through a matmul whose time goes to
+    reading the [vocab, hidden] weights. Not on the .pte by default: there it cost 2-5%
+    decode, and the demo's default 8da4w .pte then looped on one story prompt (0.608 repeated
+    4-grams against 0.504 with one pass; the coherence test in tests/test_pte.py bounds it
+    at 0.6). ``head_passes`` overrides the default (2 only where the input is int8).
+
+    Equalization (quant.equalize) for an 8-bit per-row embedding whose head input is float
+    or in two passes; with one int8 pass it measured worse. ``equalize_head`` False turns it
+    off, True requires it."""
+    plan.head_dynamic_act = _head_dynamic_act(scheme, emb.bits, fmt)
+    can_two = plan.head_dynamic_act and emb.bits == 8  # a 4-bit head's error is its weights'
+    if head_passes not in (None, 1, 2):
+        raise QuantError(f"head passes {head_passes}: use 1 or 2")
+    if head_passes == 2 and not can_two:
+        raise QuantError("head-passes=2 needs a tied 8-bit head with int8 inputs, which this plan does not have"
+                         + ("" if fmt is None else f" on --format {fmt}"))
+    plan.head_act_passes = head_passes or (2 if can_two and fmt != "pte" else 1)
+    can_eq = (plan.head_tied_to_embedding and emb.bits == 8 and emb.group_size is None
+              and (not plan.head_dynamic_act or plan.head_act_passes == 2))
+    plan.head_equalization = equalize.record() if can_eq and equalize_head is not False else None
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -119,9 +139,22 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")}
 
 
-def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None = None) -> QuantPlan:
+def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None = None,
+              head_passes: int | None = None, equalize_head: bool | None = None) -> QuantPlan:
     """``fmt`` matters for a tied head with a quantized embedding: XNNPACK (pte) runs
-    quantized linears only with dynamic int8 activations, so there the head gets them."""
+    quantized linears only with dynamic int8 activations, so there the head gets them.
+    ``head_passes`` / ``equalize_head``: override the tied head's defaults (``_set_head_act``);
+    ``head_passes`` is ignored where the plan has no tied quantized head; ``equalize_head`` True
+    where the plan cannot take it is an error."""
+    plan = _plan(model, scheme, emb, fmt, head_passes, equalize_head)
+    if equalize_head and plan.head_equalization is None:
+        raise QuantError("head equalization needs a tied 8-bit per-row embedding whose head input is float or in two "
+                         "passes, which this plan does not have" + ("" if fmt is None else f" on --format {fmt}"))
+    return plan
+
+
+def _plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None,
+          head_passes: int | None, equalize_head: bool | None) -> QuantPlan:
     tied = getattr(model.args, "tie_word_embeddings", True)
     emb = emb.resolve(scheme, tied)
     plan = QuantPlan(scheme, emb)
@@ -129,7 +162,7 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     if scheme.is_float:
         if emb.bits is not None:
             plan.embedding = LinearPlan(emb.bits, emb.group_size, scale_bf16=fmt == "pte" and emb.group_size is not None)
-            _set_head_act(plan, scheme, emb.bits, fmt)
+            _set_head_act(plan, scheme, plan.embedding, fmt, head_passes, equalize_head)
         else:
             plan.kept_float.append("embed_tokens")
         return plan
@@ -150,7 +183,7 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
         if emb.group_size is not None and model.embed_tokens.weight.shape[1] % emb.group_size:
             raise QuantError(f"--quant-embedding 4w: group {emb.group_size} does not divide the embedding width; use 8w")
         plan.embedding = LinearPlan(emb.bits, emb.group_size, scale_bf16=fmt == "pte" and emb.group_size is not None)
-        _set_head_act(plan, scheme, emb.bits, fmt)
+        _set_head_act(plan, scheme, plan.embedding, fmt, head_passes, equalize_head)
     else:
         plan.kept_float.append("embed_tokens")
     if not tied:

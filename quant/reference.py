@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import LinearPlan, QuantPlan
 from phonekit.quant.schemes import WEIGHT_METHODS
 
@@ -258,7 +259,9 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def fake_quantize_model(model: nn.Module, plan: QuantPlan) -> nn.Module:
-    """Apply ``plan`` to ``model`` in place with reference fake quantization."""
+    """Apply ``plan`` to ``model`` in place with reference fake quantization (the float
+    model first equalized when the plan says so)."""
+    apply_head_equalization(model, plan)
     for name, lp in plan.linears.items():
         _set(model, name, reference_linear(model.get_submodule(name).weight.data, lp))
     if plan.embedding is not None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from phonekit.errors import QuantError
+from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import LinearPlan, QuantPlan
 from phonekit.quant.reference import CorrectedLinear, TwoPassHead, group_average_matrix, quantize_weight
 
@@ -47,6 +48,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     linear really holds a quantized weight (torchao skips silently otherwise)."""
     from torchao.quantization.quant_api import quantize_
 
+    apply_head_equalization(model, plan)
     if plan.embedding is not None:
         head_shares = plan.head_tied_to_embedding and model.lm_head.weight is model.embed_tokens.weight
         quantize_(model, _config(plan.embedding, False), filter_fn=lambda m, fqn: fqn == "embed_tokens")

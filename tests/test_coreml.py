@@ -40,6 +40,7 @@ from phonekit.export.coreml_runtime import InterpreterSession
 from phonekit.export.mil_interpreter import MILInterpreter, unpack_bits
 from phonekit.export.runtime import greedy
 from phonekit.quant import make_plan, parse_embedding, parse_scheme
+from phonekit.quant.equalize import equalized_tensors
 from phonekit.quant.reference import fake_quantize_model, quantize_symmetric, quantize_weight
 
 # One worker builds and shares the module's conversions (they dominate the run time).
@@ -246,8 +247,11 @@ def test_quantized_matches_reference(arts, family, ls, scheme, emb):
     if plan.embedding is not None:
         planned["embed_tokens"] = plan.embedding
     assert "lm_head" not in planned and len(stored) == len(planned)  # -LS: each shared block once
+    # Core ML's head input is float, so a tied 8-bit embedding is stored column-equalized (W * s)
+    eq = equalized_tensors(lm.model) if plan.head_equalization else {}
+    assert bool(eq) == (emb == "8w")
     for name, lp in planned.items():
-        w = lm.model.get_submodule(name).weight.detach()
+        w = eq.get(f"{name}.weight", lm.model.get_submodule(name).weight.detach())
         codes, scales = quantize_symmetric(w, lp.bits, lp.group_size)
         hit = [v for v in stored.values() if v["data"].shape == codes.shape and np.array_equal(v["data"], codes.numpy())]
         assert len(hit) == 1, name

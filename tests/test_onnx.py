@@ -32,6 +32,7 @@ from phonekit.export.runtime import greedy
 from phonekit.quant import make_plan, parse_embedding, parse_scheme
 from phonekit.quant.plan import block_linears
 from phonekit.quant.plan import LinearPlan
+from phonekit.quant.equalize import equalized_tensors
 from phonekit.quant.reference import FakeQuantLinear, fake_quantize_model, quantize_weight, reference_linear
 
 CTX = 64
@@ -398,8 +399,15 @@ def assert_file_holds_the_reference(m: onnx.ModelProto, lm, plan) -> None:
     if plan.embedding is not None:
         entries["embed_tokens"] = plan.embedding
     assert entries
+    # An equalized tied embedding is stored as W * s, its 1 / s multiplies the lookup and divides
+    # the final norm's weight (quant.equalize).
+    eq = equalized_tensors(lm.model) if plan.head_equalization else {}
+    assert ("embed_scale" in inits) == bool(eq)
+    for key in eq:
+        if key != "embed_tokens.weight":
+            np.testing.assert_array_equal(inits[key], eq[key].numpy())
     for name, lp in entries.items():
-        w = lm.model.get_parameter(f"{name}.weight").detach()
+        w = eq.get(f"{name}.weight", lm.model.get_parameter(f"{name}.weight").detach())
         qw = quantize_weight(w, lp)
         ref_deq = qw.dequantize().numpy()
         base, index = stored_as(inits, name)

@@ -33,8 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"a weight rounding ({', '.join(WEIGHT_METHODS)}; default {DEFAULT_METHOD[4]} for 4 bits, "
                         f"{DEFAULT_METHOD[8]} for 8, as phonekit export) "
                         "emb=none|8w|4w, and smooth[=ALPHA] (SmoothQuant activation smoothing for 8da*, default alpha "
-                        "0.6, calibrated on the shipped text's last 4,096 tokens) and head-passes=1|2 (int8 passes of the "
-                        "tied 8-bit head's input, default 2), e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
+                        "0.6, calibrated on the shipped text's last 4,096 tokens), head-passes=1|2 (int8 passes of the "
+                        "tied 8-bit head's input, default 2 except on the .pte) and head-eq=0|1 (the tied 8-bit "
+                        "embedding stored column-equalized, default where the head's input is float or in two passes), "
+                        "e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
     p.add_argument("--text", type=Path, help="UTF-8 text to score (default: the shipped public-domain text)")

@@ -29,7 +29,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="migration strength for --smooth, between 0 and 1 (default 0.6)")
     p.add_argument("--single-pass-head", action="store_true",
                    help="round the tied 8-bit head's input to int8 once instead of twice (input + rounding residual, "
-                        "the default): the demo's .pte decodes 2-5%% faster, ONNX the same, both less accurate (see README)")
+                        "the default on ONNX and Core ML; the .pte always takes one): faster on some runtimes, less accurate (see README)")
+    p.add_argument("--no-head-equalization", action="store_true",
+                   help="store the tied 8-bit embedding/head as it is instead of column-equalized (the default where the "
+                        "head's input is float or in two passes: ONNX, Core ML); see README")
     p.add_argument("--context", type=int, default=None, help="KV-cache length = maximum tokens (default: min(model max, 2048))")
     p.add_argument("--device", action="append", default=[], metavar="PROFILE",
                    help="refuse the export when over budget on this device (repeatable; name, alias or .toml path)")
@@ -60,9 +63,11 @@ def resolve_context(lm: Any, context: int | None) -> int:
     return context
 
 
-def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], explicit: set[str]) -> dict[str, Any]:
+def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], explicit: set[str],
+              head_passes: int | None = None, equalize_head: bool | None = None) -> dict[str, Any]:
     """One quantization plan per format. A format named by --target that cannot run the
-    scheme gets its documented counterpart (recorded); a format named by --format errors."""
+    scheme gets its documented counterpart (recorded); a format named by --format errors.
+    ``head_passes`` / ``equalize_head``: the tied head's overrides (``make_plan``)."""
     from phonekit.quant import check_format, make_plan, parse_embedding, parse_scheme
     from phonekit.quant.schemes import FORMAT_SCHEMES, Scheme
     from phonekit.quant.source_grid import source_grid_report
@@ -81,7 +86,7 @@ def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], expl
             if counterpart not in FORMAT_SCHEMES[fmt]:
                 raise
             s = Scheme(counterpart, scheme.group_size, scheme.method)
-        plans[fmt] = make_plan(lm.model, s, emb, fmt)
+        plans[fmt] = make_plan(lm.model, s, emb, fmt, head_passes, equalize_head)
         source_grid_report(lm.model, plans[fmt], lm.gguf_types)
         if s != scheme:
             plans[fmt].notes.append(f"--quant {scheme.name} is not available on {fmt}; this artifact uses {s.name}")
@@ -107,11 +112,11 @@ def run(args: argparse.Namespace) -> int:
         lm = load_model(args.model, random_weights=args.random_weights)
     context = resolve_context(lm, args.context)
     smoothing = _smooth(lm, args.model, alpha, steps) if alpha is not None else None
-    plans = plans_for(lm, args.quant, args.quant_embedding, formats, explicit)
+    plans = plans_for(lm, args.quant, args.quant_embedding, formats, explicit,
+                      head_passes=1 if args.single_pass_head else None,
+                      equalize_head=False if args.no_head_equalization else None)
     for plan in plans.values():
         plan.smoothing = smoothing
-        if args.single_pass_head and plan.head_act_passes == 2:
-            plan.head_act_passes = 1
         if smoothing and not plan.scheme.dynamic_act:
             plan.notes.append(f"--smooth: the float model was smoothed for the int8 activations of --quant {args.quant}; "
                               f"{plan.scheme.name} has float activations, so here it only moves weights")

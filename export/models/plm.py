@@ -234,6 +234,9 @@ class Transformer(nn.Module):
         self.lm_head.weight = self.embed_tokens.weight
         self.caches: nn.ModuleList | None = None
         self.naive = False
+        # Per-column factor after the lookup, set by quant.equalize when the tied embedding is stored
+        # column-equalized (W * s, with 1 / s folded into the final norm); None otherwise.
+        self.register_buffer("embed_scale", None, persistent=False)
 
     def setup_caches(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         dtype = dtype or self.embed_tokens.weight.dtype
@@ -247,6 +250,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         x = self.embed_tokens(tokens)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         cos, sin = self.rope.angles(input_pos)
         key_len = self.caches[0].max_len if self.caches is not None else tokens.shape[1]
         mask = additive_mask(input_pos, key_len, self.args.num_attention_heads)
