@@ -366,6 +366,8 @@ def quantized_model(model: nn.Module, variant: Variant, backend: str = "referenc
         # and phones compute fp16 models with fp32 accumulation anyway).
         for p in m.parameters():
             p.data = p.data.half().float()
+        if getattr(m, "embed_scale", None) is not None:  # stored with the weights (an fp16 initializer in ONNX)
+            m.embed_scale = m.embed_scale.half().float()
     if backend == "reference":
         return fake_quantize_model(m, plan), plan
     from phonekit.quant.torchao_apply import apply_plan
