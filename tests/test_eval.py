@@ -318,6 +318,17 @@ def test_cli_table(tiny_ckpt, text_file, capsys):
     assert "8da4w-g32" in out and "perplexity" in out and "top-1 agreement" in out and "fp32" in out
 
 
+def test_cli_table_names_the_head_path(tiny_ckpt, text_file, capsys):
+    """The table's embedding/head column reads the plan: two-pass or one-pass int8 input, equalized."""
+    assert main(["eval", str(tiny_ckpt), "--quant", "8da8w", "8da8w:head-passes=1", "w4", "--format", "onnx",
+                 "--text", str(text_file), "--context", "64", "--max-tokens", "128", "--quiet"]) == 0
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.count("│") > 3]
+    heads = [r[2] for r in rows if r[0] != "scheme"][1:]  # after the fp32 row, in --quant order
+    assert heads == ["8w, two-pass input, equalized", "8w, one-pass input",
+                     "8w, two-pass input, equalized"]  # ONNX rounds w4's 8-bit head input too
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--quant", "int3"], r"--quant 'int3': unknown scheme"),
     (["--quant", "8da4w:fancy"], r"unknown option 'fancy'"),
