@@ -29,7 +29,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="migration strength for --smooth, between 0 and 1 (default 0.6)")
     p.add_argument("--single-pass-head", action="store_true",
                    help="round the tied 8-bit head's input to int8 once instead of twice (input + rounding residual, "
-                        "the default on ONNX and Core ML; the .pte always takes one): faster on some runtimes, less accurate (see README)")
+                        "the default on ONNX; the .pte takes one, Core ML's head input is float): less accurate (see README)")
     p.add_argument("--no-head-equalization", action="store_true",
                    help="store the tied 8-bit embedding/head as it is instead of column-equalized (the default where the "
                         "head's input is float or in two passes: ONNX, Core ML); see README")
