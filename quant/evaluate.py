@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phonekit.errors import QuantError, UsageError
+from phonekit.errors import HeadOptionError, QuantError, UsageError
 from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import QuantPlan, make_plan
 from phonekit.quant.reference import fake_quantize_model
@@ -340,10 +340,8 @@ def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> Quan
     scheme = variant.scheme if variant.method is None else replace(variant.scheme, method=variant.method)
     try:
         plan = make_plan(model, scheme, variant.embedding, fmt, variant.head_passes, variant.head_eq)
-    except QuantError as e:
-        if str(e).startswith("head"):  # the variant's own head options: name the variant
-            raise QuantError(f"--quant {variant.text!r}: {e}") from None
-        raise
+    except HeadOptionError as e:  # the variant's own head options: name the variant
+        raise HeadOptionError(f"--quant {variant.text!r}: {e}") from None
     return plan
 
 
@@ -394,6 +392,7 @@ class VariantResult:
         # The plan's embedding scheme is the resolved one (``auto`` becomes 8w or none per model).
         return {"scheme": v.scheme.name, "variant": v.label, "weights": v.weight_method or "float", "embedding": self.plan.embedding_scheme.name,
                 "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary(),
+                "head_int8_passes": self.plan.head_int8_passes, "head_equalized": self.plan.head_equalization is not None,
                 "smoothing": None if v.smooth is None else {"method": "smoothquant", "alpha": v.smooth,
                                                             "calibration_text": CALIBRATION_TEXT}}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from phonekit.errors import QuantError
+from phonekit.errors import HeadOptionError, QuantError
 from phonekit.quant import equalize
 from phonekit.quant.schemes import OFFSET_METHODS, EmbeddingScheme, Scheme, check_groups
 
@@ -71,6 +71,12 @@ class QuantPlan:
     # Activation smoothing applied to the float model before this plan (quant.smooth), if any.
     smoothing: dict[str, Any] | None = None
 
+    @property
+    def head_int8_passes(self) -> int:
+        """Int8 passes of the tied quantized head's input; 0 where it is float or there is no such head."""
+        tied_quantized = self.embedding is not None and self.head_tied_to_embedding
+        return self.head_act_passes if tied_quantized and self.head_dynamic_act else 0
+
     def summary(self) -> dict[str, Any]:
         """The manifest's record of what was applied."""
         groups: dict[str, list[str]] = {}
@@ -124,9 +130,9 @@ def _set_head_act(plan: QuantPlan, scheme: Scheme, emb: LinearPlan, fmt: str | N
     plan.head_dynamic_act = _head_dynamic_act(scheme, emb.bits, fmt)
     can_two = plan.head_dynamic_act and emb.bits == 8  # a 4-bit head's error is its weights'
     if head_passes not in (None, 1, 2):
-        raise QuantError(f"head passes {head_passes}: use 1 or 2")
+        raise HeadOptionError(f"head passes {head_passes}: use 1 or 2")
     if head_passes == 2 and not can_two:
-        raise QuantError("head-passes=2 needs a tied 8-bit head with int8 inputs, which this plan does not have"
+        raise HeadOptionError("head-passes=2 needs a tied 8-bit head with int8 inputs, which this plan does not have"
                          + ("" if fmt is None else f" on --format {fmt}"))
     plan.head_act_passes = head_passes or (2 if can_two and fmt != "pte" else 1)
     can_eq = (plan.head_tied_to_embedding and emb.bits == 8 and emb.group_size is None
@@ -148,7 +154,7 @@ def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str |
     where the plan cannot take it is an error."""
     plan = _plan(model, scheme, emb, fmt, head_passes, equalize_head)
     if equalize_head and plan.head_equalization is None:
-        raise QuantError("head equalization needs a tied 8-bit per-row embedding whose head input is float or in two "
+        raise HeadOptionError("head equalization needs a tied 8-bit per-row embedding whose head input is float or in two "
                          "passes, which this plan does not have" + ("" if fmt is None else f" on --format {fmt}"))
     return plan
 

@@ -210,14 +210,9 @@ def _print(out: dict[str, Any]) -> None:
         t.add_column(col, justify="left" if col in ("scheme", "weights", "embedding / head") else "right")
     t.add_row("fp32", "float", "float", f"{out['fp32']['perplexity']:.3f}", "", "", f"{out['fp32']['seconds']:.0f}s")
     for r in out["results"]:
-        plan = r["plan"]
         emb = "float" if r["embedding"] == "none" else r["embedding"]
-        if "in two passes" in (plan.get("head") or ""):
-            emb += ", two-pass input"
-        elif "int8 per-token activations" in (plan.get("head") or ""):
-            emb += ", one-pass input"
-        if plan.get("head_equalization"):
-            emb += ", equalized"
+        emb += {2: ", two-pass input", 1: ", one-pass input"}.get(r["head_int8_passes"], "")
+        emb += ", equalized" if r["head_equalized"] else ""
         sm = r.get("smoothing")
         t.add_row(r["scheme"] + (f", smooth {sm['alpha']:g}" if sm else ""), r["weights"], emb, f"{r['perplexity']:.3f}", _pct(r["ppl_change"]),
                   _pct(r["top1_agreement"], False), f"{r['seconds']:.0f}s")
