@@ -163,6 +163,12 @@ def _holds(model: dict[str, Any], quant: dict[str, Any], tok: dict[str, Any], co
     if eq:
         rows.append(("Head equalization", "tied 8-bit embedding stored column-equalized (one multiply after the lookup, "
                                           f"folded into the final norm for the head) in: {', '.join(eq)}"))
+    two = [(a["format"], q["two_pass_linears"]) for a in arts
+           if (q := a.get("details", {}).get("quantization", {}) or {}).get("two_pass_linears")]
+    if two:
+        rows.append(("Two-pass int8 inputs", "; ".join(
+            f"{fmt}: " + ", ".join(f"`{k}` ({n})" for k, n in sorted(lin.items())) for fmt, lin in two)
+            + " (the input and its int8 rounding residual through the same int8 weights)"))
     rows.append(("Kept float", ", ".join(f"`{k}`" for k in quant["kept_float"]) or "none"))
     files = ", ".join(f"`{f['path']}`" for f in tok["files"]) or "none (random weights: this bundle cannot turn text into tokens)"
     rows.append(("Tokenizer", f"{files}; vocabulary {tok['vocab_size']}, bos {tok['bos_id']}, "

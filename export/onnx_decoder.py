@@ -21,7 +21,7 @@ Keys are attended by cache slot (causal: slot <= past + query index) and masked 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,7 @@ class DecoderInfo:
     matmul_integer_nodes: int = 0
     act_quant_nodes: int = 0
     head_int8: bool = False  # the tied quantized head runs as MatMulInteger (int8 per-token input)
+    two_pass_linears: int = 0  # block linears whose int8 input runs in two passes (LinearPlan.act_passes)
 
 
 class _Ops:
@@ -293,12 +294,21 @@ class _Ops:
         return lp.bits == 8 and lp.group_size is None and lp.dynamic_act and self.opts.act_method == "qdq"
 
     def two_pass(self, h: str, name: str, w: torch.Tensor, lp: LinearPlan) -> str:
-        """``quant.reference.TwoPassHead``: h and its rounding residual as more rows of one
+        """``quant.reference.TwoPassInput``: h and its rounding residual as more rows of one
         quantized linear (each row rounded per token on its own, the weights read once),
         the two halves of the output summed. The rows are concatenated on the token axis, so
-        MatMulInteger sees one matrix of twice the rows (not a batch of two)."""
+        MatMulInteger sees one matrix of twice the rows (not a batch of two). On the float
+        compute path (int4 MatMulNBits) the two rounded inputs are summed first instead."""
         g = self.g
-        with g.scope("head_residual"):
+        if not self.int8_path(lp):
+            # MatMulNBits computes in float on the rounded input, so W q1 + W q2 = W (q1 + q2):
+            # one matmul of the summed passes, no extra rows (float rounding apart).
+            with g.scope("residual"):
+                q1 = self.act_part(self.act_quant(h), "deq")
+                q2 = self.act_part(self.act_quant(g.op("Sub", h, q1)), "deq")
+                both = g.op("Add", q1, q2)
+            return self.quant_linear(both, name, w, replace(lp, dynamic_act=False))
+        with g.scope("residual"):
             r = g.op("Sub", h, self.act_part(self.act_quant(h), "deq"))
             both = g.op("Concat", h, r, axis=-2)
         first, second = g.op("Split", self.quant_linear(both, name, w, lp), axis=-2, n_out=2)  # equal halves
@@ -335,6 +345,9 @@ class _Builder(_Ops):
         if lp is None:
             self.info.float_matmul_nodes += 1
             return self.g.op("MatMul", x, self.fweight(f"{name}.weight_t", w, transpose=True))
+        if lp.dynamic_act and lp.act_passes == 2 and self.opts.act_method == "qdq":  # acc4 rounds inside the kernel
+            self.info.two_pass_linears += 1
+            return self.two_pass(x, name, w, lp)
         return self.quant_linear(x, name, w, lp)
 
     def linears(self, x: str, names: list[str]) -> list[str]:
@@ -342,7 +355,7 @@ class _Builder(_Ops):
         have the same plan on that path (int4, weight-only int8); else one by one."""
         lps = {self.plan.linears.get(n) for n in names}
         lp = next(iter(lps))
-        if len(lps) != 1 or lp is None or self.int8_path(lp):
+        if len(lps) != 1 or lp is None or self.int8_path(lp) or lp.act_passes == 2:
             return [self.linear(x, n) for n in names]
         outs = self.merged_linears(x, [(n, self._param(f"{n}.weight")) for n in names], lp)
         label = "+".join(n.rsplit(".", 1)[-1] for n in names)

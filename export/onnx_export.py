@@ -237,6 +237,9 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
             "zero_point_inputs": info.zero_point_inputs,
             "offset_corrections": info.offset_corrections,
             "merged_projections": info.merged,
+            "two_pass_inputs": None if not info.two_pass_linears else (
+                f"{info.two_pass_linears} linear calls ({', '.join(sorted(plan.summary().get('two_pass_linears', {})))}): "
+                "the int8 per-token input and its rounding residual as extra rows of the same matmul, summed"),
             "embedding": "Gather (float)" if emb is None else f"GatherBlockQuantized int{emb.bits} "
             + ("per row" if emb.group_size is None else f"g{emb.group_size}"),
             "head": head,

@@ -34,9 +34,10 @@ class QuantError(PhonekitError):
     """A quantization scheme that is unknown or does not fit the model or format."""
 
 
-class HeadOptionError(QuantError):
-    """A tied-head override (input passes, equalization) that the plan cannot take; its
-    message names the option, and the caller prefixes the flag or variant that asked."""
+class PlanOptionError(QuantError):
+    """An override of the plan's defaults (the tied head's input passes or equalization,
+    down_proj's input passes) that the plan cannot take; its message names the option, and
+    the caller prefixes the flag or variant that asked."""
 
 
 class ExportError(PhonekitError):

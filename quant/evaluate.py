@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phonekit.errors import HeadOptionError, QuantError, UsageError
+from phonekit.errors import PlanOptionError, QuantError, UsageError
 from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import QuantPlan, make_plan
 from phonekit.quant.reference import fake_quantize_model
@@ -229,6 +229,7 @@ def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], An
 _OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
 _SMOOTH = re.compile(r"^smooth(?:=([0-9.]+))?$")
 _HEAD = re.compile(r"^head-passes=(\d+)$")
+_DOWN = re.compile(r"^down-passes=(\d+)$")
 _HEAD_EQ = re.compile(r"^head-eq=(\w+)$")
 CALIBRATION_TOKENS = 4096  # the shipped text's last tokens; the default evaluation reads its first 8192
 CALIBRATION_TEXT = f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"  # as eval results and manifests say it
@@ -243,9 +244,10 @@ class Variant:
     quantized scheme) or ``smooth[=ALPHA]`` (SmoothQuant activation smoothing, quant/smooth.py,
     for the 8da* schemes; calibrated on the shipped text's last 4,096 tokens) or
     ``head-passes=1|2`` (how many int8 passes the tied 8-bit head's input takes; default 2,
-    quant.reference.TwoPassHead) or ``head-eq=0|1`` (the tied 8-bit embedding stored
+    quant.reference.TwoPassInput) or ``head-eq=0|1`` (the tied 8-bit embedding stored
     column-equalized, quant.equalize; default where the head's input is float or in two
-    passes)."""
+    passes) or ``down-passes=1|2`` (int8 passes of down_proj's input; default 2 for 8da8w off
+    the .pte, 1 otherwise)."""
 
     text: str
     scheme: Scheme
@@ -255,6 +257,7 @@ class Variant:
     smooth: float | None = None  # SmoothQuant alpha; None = no smoothing
     head_passes: int | None = None  # None = the plan's own (2 for a tied 8-bit head with int8 inputs)
     head_eq: bool | None = None  # None = the plan's own
+    down_passes: int | None = None  # None = the plan's own (quant.plan._down_passes)
 
     @property
     def weight_method(self) -> str | None:
@@ -271,6 +274,8 @@ class Variant:
             parts.append(f"head-passes={self.head_passes}")
         if self.head_eq is not None:
             parts.append(f"head-eq={int(self.head_eq)}")
+        if self.down_passes is not None:
+            parts.append(f"down-passes={self.down_passes}")
         return self.scheme.name + (":" + ",".join(parts) if parts else "")
 
 
@@ -283,11 +288,13 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     smooth = None
     head_passes = None
     head_eq = None
+    down_passes = None
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
         sm = _SMOOTH.match(opt)
         hm = _HEAD.match(opt)
         em = _HEAD_EQ.match(opt)
+        dm = _DOWN.match(opt)
         if m:
             emb = parse_embedding(m.group(2))
             explicit = True
@@ -305,16 +312,21 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
             if em.group(1) not in ("0", "1"):
                 raise QuantError(f"--quant {text!r}: head-eq={em.group(1)}; use 0 or 1")
             head_eq = em.group(1) == "1"
+        elif dm:
+            down_passes = int(dm.group(1))
+            if down_passes not in (1, 2):
+                raise QuantError(f"--quant {text!r}: down-passes={down_passes}; use 1 or 2")
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
-                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA], head-passes=1|2 or head-eq=0|1, "
+                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA], head-passes=1|2, head-eq=0|1 or "
+                             "down-passes=1|2, "
                              "e.g. 8da4w:affine,emb=8w")
     if method is not None and scheme.is_float:
         raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
     if smooth is not None and not scheme.dynamic_act:
         raise QuantError(f"--quant {text!r}: smoothing eases int8 activation rounding and {scheme.name} has none; "
                          "use it with 8da8w or 8da4w")
-    return Variant(text, scheme, emb, method, explicit, smooth, head_passes, head_eq)
+    return Variant(text, scheme, emb, method, explicit, smooth, head_passes, head_eq, down_passes)
 
 
 def calibration_windows(tokenizer: Any, context: int = DEFAULT_CONTEXT) -> list[torch.Tensor]:
@@ -339,9 +351,9 @@ def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> Quan
     meaning: exact float offsets, fp32 scales)."""
     scheme = variant.scheme if variant.method is None else replace(variant.scheme, method=variant.method)
     try:
-        plan = make_plan(model, scheme, variant.embedding, fmt, variant.head_passes, variant.head_eq)
-    except HeadOptionError as e:  # the variant's own head options: name the variant
-        raise HeadOptionError(f"--quant {variant.text!r}: {e}") from None
+        plan = make_plan(model, scheme, variant.embedding, fmt, variant.head_passes, variant.head_eq, variant.down_passes)
+    except PlanOptionError as e:  # the variant's own plan options: name the variant
+        raise PlanOptionError(f"--quant {variant.text!r}: {e}") from None
     return plan
 
 
@@ -393,6 +405,7 @@ class VariantResult:
         return {"scheme": v.scheme.name, "variant": v.label, "weights": v.weight_method or "float", "embedding": self.plan.embedding_scheme.name,
                 "backend": self.backend, **self.comparison.as_dict(), "plan": self.plan.summary(),
                 "head_int8_passes": self.plan.head_int8_passes, "head_equalized": self.plan.head_equalization is not None,
+                "two_pass_linears": len(self.plan.two_pass_linears),
                 "smoothing": None if v.smooth is None else {"method": "smoothquant", "alpha": v.smooth,
                                                             "calibration_text": CALIBRATION_TEXT}}
 

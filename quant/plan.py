@@ -6,12 +6,12 @@ so "exactly as applied, including fallbacks" is one object.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
-from phonekit.errors import HeadOptionError, QuantError
+from phonekit.errors import PlanOptionError, QuantError
 from phonekit.quant import equalize
 from phonekit.quant.schemes import OFFSET_METHODS, EmbeddingScheme, Scheme, check_groups
 
@@ -39,6 +39,9 @@ class LinearPlan:
     # so the reference and the eager model compute with the scales the artifact holds.
     scale_bf16: bool = False
     offset: str = "zero_point"  # OFFSET_STORAGE; only read when has_offset
+    # 2: the int8 per-token input runs in two passes, x's codes and the codes of what their
+    # rounding left (quant.reference.TwoPassInput); 1: once.
+    act_passes: int = 1
 
     @property
     def has_offset(self) -> bool:
@@ -48,7 +51,8 @@ class LinearPlan:
         text = f"int{self.bits} " + ("per-channel" if self.group_size is None else f"g{self.group_size}") + f" {self.method}"
         if self.has_offset:
             text += " (offsets as an int8 correction linear)" if self.offset == "correction" else " (exact float offsets)"
-        return text + (" bf16 scales" if self.scale_bf16 else "") + (" + int8 per-token act" if self.dynamic_act else "")
+        act = (" + int8 per-token act" + (" in two passes" if self.act_passes == 2 else "")) if self.dynamic_act else ""
+        return text + (" bf16 scales" if self.scale_bf16 else "") + act
 
 
 @dataclass
@@ -60,7 +64,7 @@ class QuantPlan:
     head_tied_to_embedding: bool = True
     head_dynamic_act: bool = False
     # 2: the tied head's int8 input runs in two passes, x's codes and the codes of what their
-    # rounding left (quant.reference.TwoPassHead); 1: once, as every other linear.
+    # rounding left (quant.reference.TwoPassInput); 1: once, as every other linear.
     head_act_passes: int = 1
     # The tied 8-bit embedding stored column-equalized (quant.equalize), or None.
     head_equalization: dict[str, Any] | None = None
@@ -70,6 +74,11 @@ class QuantPlan:
     source_grid: dict[str, Any] | None = None
     # Activation smoothing applied to the float model before this plan (quant.smooth), if any.
     smoothing: dict[str, Any] | None = None
+
+    @property
+    def two_pass_linears(self) -> list[str]:
+        """Linears whose int8 input runs in two passes (``LinearPlan.act_passes``)."""
+        return [n for n, lp in self.linears.items() if lp.dynamic_act and lp.act_passes == 2]
 
     @property
     def head_int8_passes(self) -> int:
@@ -82,6 +91,10 @@ class QuantPlan:
         groups: dict[str, list[str]] = {}
         for name, lp in self.linears.items():
             groups.setdefault(lp.describe(), []).append(name)
+        two_pass: dict[str, int] = {}
+        for name in self.two_pass_linears:
+            kind = name.rsplit(".", 1)[-1]
+            two_pass[kind] = two_pass.get(kind, 0) + 1
         return {
             **self.scheme.describe(),
             "embedding": None if self.embedding is None else asdict(self.embedding),
@@ -96,10 +109,13 @@ class QuantPlan:
             **({"source_grid": self.source_grid} if self.source_grid else {}),
             **({"smoothing": self.smoothing} if self.smoothing else {}),
             **({"head_equalization": self.head_equalization} if self.head_equalization else {}),
+            **({"two_pass_linears": two_pass} if two_pass else {}),
         }
 
 
 HEAD_PASSES = {1: "", 2: " in two passes: the input and its rounding residual"}
+# Block linears whose int8 input takes two passes by default (``_down_passes``).
+TWO_PASS_LINEARS = ("down_proj",)
 
 
 def _head_dynamic_act(scheme: Scheme, emb_bits: int, fmt: str | None) -> bool:
@@ -130,14 +146,38 @@ def _set_head_act(plan: QuantPlan, scheme: Scheme, emb: LinearPlan, fmt: str | N
     plan.head_dynamic_act = _head_dynamic_act(scheme, emb.bits, fmt)
     can_two = plan.head_dynamic_act and emb.bits == 8  # a 4-bit head's error is its weights'
     if head_passes not in (None, 1, 2):
-        raise HeadOptionError(f"head passes {head_passes}: use 1 or 2")
+        raise PlanOptionError(f"head passes {head_passes}: use 1 or 2")
     if head_passes == 2 and not can_two:
-        raise HeadOptionError("head-passes=2 needs a tied 8-bit head with int8 inputs, which this plan does not have"
+        raise PlanOptionError("head-passes=2 needs a tied 8-bit head with int8 inputs, which this plan does not have"
                          + ("" if fmt is None else f" on --format {fmt}"))
     plan.head_act_passes = head_passes or (2 if can_two and fmt != "pte" else 1)
     can_eq = (plan.head_tied_to_embedding and emb.bits == 8 and emb.group_size is None
               and (not plan.head_dynamic_act or plan.head_act_passes == 2))
     plan.head_equalization = equalize.record() if can_eq and equalize_head is not False else None
+
+
+def _down_passes(scheme: Scheme, fmt: str | None, down_passes: int | None) -> int:
+    """Int8 passes of ``down_proj``'s input (quant.reference.TwoPassInput, as for the head).
+
+    down_proj reads the FFN's product (SwiGLU's silu(gate) * up, PLM's relu(up)^2), whose few
+    large entries per token set the int8 step for the rest. On the demo (8,192 tokens, ONNX
+    plans) one rounding there cost 8da8w:smooth 94.6% against 95.2% top-1 agreement in two
+    passes (a float input to every linear: 95.9%), 8da8w +1.77% against +0.89% perplexity,
+    8da4w 92.2% against 93.9%. Default for 8da8w off the .pte: ONNX sends the second row
+    through the same MatMulInteger (decode -6 to -7%, bench/onnx_schemes.py). Opt-in for 8da4w:
+    its int4 MatMulNBits computes in float on the rounded input, so the two rounded inputs
+    are summed and multiplied once, but the residual's rounding ops still cost -8% decode on
+    top of the float offsets' -9 to -11% (issue 9's budget is 10%). Not on the .pte: XNNPACK
+    would run the residual's ops outside the delegate, as for the head. Two passes on gate/up
+    too measured 95.4% for 8da8w:smooth at another -5% decode, so they keep one.
+    ``down_passes`` overrides the default."""
+    can_two = scheme.dynamic_act and fmt != "pte"
+    if down_passes not in (None, 1, 2):
+        raise PlanOptionError(f"down_proj passes {down_passes}: use 1 or 2")
+    if down_passes == 2 and not can_two:
+        raise PlanOptionError("two passes for down_proj's input need int8 per-token activations (8da8w, 8da4w) off the .pte"
+                              + ("" if fmt is None else f"; --format {fmt} runs them in one pass"))
+    return down_passes or (2 if can_two and scheme.weight_bits == 8 else 1)
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -146,21 +186,23 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None = None,
-              head_passes: int | None = None, equalize_head: bool | None = None) -> QuantPlan:
+              head_passes: int | None = None, equalize_head: bool | None = None,
+              down_passes: int | None = None) -> QuantPlan:
     """``fmt`` matters for a tied head with a quantized embedding: XNNPACK (pte) runs
     quantized linears only with dynamic int8 activations, so there the head gets them.
     ``head_passes`` / ``equalize_head``: override the tied head's defaults (``_set_head_act``);
     ``head_passes`` is ignored where the plan has no tied quantized head; ``equalize_head`` True
-    where the plan cannot take it is an error."""
-    plan = _plan(model, scheme, emb, fmt, head_passes, equalize_head)
+    where the plan cannot take it is an error. ``down_passes``: override ``down_proj``'s
+    (``_down_passes``); ignored for schemes without quantized linears."""
+    plan = _plan(model, scheme, emb, fmt, head_passes, equalize_head, down_passes)
     if equalize_head and plan.head_equalization is None:
-        raise HeadOptionError("head equalization needs a tied 8-bit per-row embedding whose head input is float or in two "
+        raise PlanOptionError("head equalization needs a tied 8-bit per-row embedding whose head input is float or in two "
                          "passes, which this plan does not have" + ("" if fmt is None else f" on --format {fmt}"))
     return plan
 
 
 def _plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None,
-          head_passes: int | None, equalize_head: bool | None) -> QuantPlan:
+          head_passes: int | None, equalize_head: bool | None, down_passes: int | None = None) -> QuantPlan:
     tied = getattr(model.args, "tie_word_embeddings", True)
     emb = emb.resolve(scheme, tied)
     plan = QuantPlan(scheme, emb)
@@ -179,8 +221,9 @@ def _plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | Non
     bf16 = fmt == "pte" and scheme.group_size is not None
     lp = LinearPlan(scheme.weight_bits, scheme.group_size, method=scheme.weight_method, dynamic_act=scheme.dynamic_act,
                     scale_bf16=bf16, offset=OFFSET_STORAGE.get(fmt or "", "zero_point"))
+    down = replace(lp, act_passes=_down_passes(scheme, fmt, down_passes))
     for n in quant:
-        plan.linears[n] = lp
+        plan.linears[n] = down if n.rsplit(".", 1)[-1] in TWO_PASS_LINEARS else lp
     for n in sorted(raw):
         plan.kept_float.append(n)
     if raw:

@@ -97,13 +97,15 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class TwoPassHead(nn.Module):
+class TwoPassInput(nn.Module):
     """A linear with int8 per-token inputs, fed each token twice: x, then r = x - deq(x),
     what the int8 rounding of x left. ``inner`` rounds each row on its own, so the sum of the
     two outputs is the product with x's codes plus r's codes: ~16 bits of input for one int8
     matrix. Both rows go through ``inner`` in one call (stacked on a new leading axis), so the
-    weights are read once, which is what a head's matmul spends its time on. The reference and
-    the .pte wrap their own ``inner``; the ONNX graph builds the same stack."""
+    weights are read once, which is what a decode step's matmul spends its time on. Used for
+    the tied 8-bit head and ``down_proj`` (``QuantPlan.head_act_passes``,
+    ``LinearPlan.act_passes``). The reference and torchao wrap their own ``inner``; the ONNX
+    graph builds the same stack."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -239,8 +241,10 @@ def reference_linear(w: torch.Tensor, lp: LinearPlan) -> nn.Module:
         cq, cs = qw.correction()
         corr = FakeQuantLinear(dequantize(cq, cs).to(w.dtype), True)
         avg = group_average_matrix(w.shape[1], lp.group_size or w.shape[1])
-        return CorrectedLinear(FakeQuantLinear(qw.codes_only().to(w.dtype), lp.dynamic_act), corr, avg)
-    return FakeQuantLinear(qw.dequantize().to(w.dtype), lp.dynamic_act)
+        mod: nn.Module = CorrectedLinear(FakeQuantLinear(qw.codes_only().to(w.dtype), lp.dynamic_act), corr, avg)
+    else:
+        mod = FakeQuantLinear(qw.dequantize().to(w.dtype), lp.dynamic_act)
+    return TwoPassInput(mod) if lp.dynamic_act and lp.act_passes == 2 else mod
 
 
 class FakeQuantEmbedding(nn.Module):
@@ -273,7 +277,7 @@ def fake_quantize_model(model: nn.Module, plan: QuantPlan) -> nn.Module:
             # unless the plan quantizes the head as a linear of its own.
             model.lm_head = FakeQuantLinear(w, plan.head_dynamic_act)
             if plan.head_act_passes == 2:
-                model.lm_head = TwoPassHead(model.lm_head)
+                model.lm_head = TwoPassInput(model.lm_head)
     return model
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from phonekit.errors import QuantError
 from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import LinearPlan, QuantPlan
-from phonekit.quant.reference import CorrectedLinear, TwoPassHead, group_average_matrix, quantize_weight
+from phonekit.quant.reference import CorrectedLinear, TwoPassInput, group_average_matrix, quantize_weight
 
 
 def _granularity(lp: LinearPlan):  # noqa: ANN202 - torchao granularity object
@@ -75,8 +75,11 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     unquantized = [n for n in plan.linears if not _holds_quantized(model.get_submodule(n))]
     if unquantized:
         raise QuantError(f"torchao left {unquantized[0]!r} unquantized ({len(unquantized)} layers); the plan cannot be applied")
+    for name, lp in plan.linears.items():
+        if lp.dynamic_act and lp.act_passes == 2:
+            _set(model, name, TwoPassInput(model.get_submodule(name)))
     if plan.embedding is not None and plan.head_act_passes == 2 and _is_quantized(model.lm_head.weight):
-        model.lm_head = TwoPassHead(model.lm_head)
+        model.lm_head = TwoPassInput(model.lm_head)
     return model
 
 

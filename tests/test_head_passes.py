@@ -1,4 +1,4 @@
-"""The tied 8-bit head's int8 input in two passes (quant.reference.TwoPassHead): which plans
+"""The tied 8-bit head's int8 input in two passes (quant.reference.TwoPassInput): which plans
 take it, what it computes against float and one pass, and that the ONNX graph computes the
 reference (the .pte and ONNX decoders are checked against the reference in test_pte.py and
 test_onnx.py, whose tied 8w heads now take two passes)."""
@@ -47,7 +47,7 @@ def test_two_passes_carry_the_input_that_one_pass_rounds_away():
     x = hidden_states(32, 64)
     exact = x.double() @ w.double().T
     one = R.FakeQuantLinear(w, True)(x).double()
-    two = R.TwoPassHead(R.FakeQuantLinear(w, True))(x).double()
+    two = R.TwoPassInput(R.FakeQuantLinear(w, True))(x).double()
     err1 = (one - exact).abs().max().item()
     err2 = (two - exact).abs().max().item()
     # int8 of the residual: each pass leaves ~1/255 of its range, so ~1/255 of one pass's error.
@@ -65,7 +65,7 @@ def test_onnx_two_pass_graph_computes_the_reference(tmp_path):
     lp = LinearPlan(8, None, dynamic_act=True)
     wq = R.quantize_weight(w, lp).dequantize()
     x = hidden_states(7, 64, seed=3)
-    want = R.TwoPassHead(R.FakeQuantLinear(wq, True))(x).numpy()
+    want = R.TwoPassInput(R.FakeQuantLinear(wq, True))(x).numpy()
     outs = {}
     for passes in (1, 2):
         graph = linear_graph(w, lp, passes=passes)

@@ -396,3 +396,12 @@ def test_app_instructions_match_the_sample_apps() -> None:
     project = yaml.safe_load((ios / "project.yml").read_text())
     assert project["name"] == model_card.IOS_PROJECT
     assert (android / "README.md").is_file() and (ios / "README.md").is_file()
+
+
+def test_two_pass_inputs_row_follows_the_artifacts(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path)
+    kv = {row["Field"]: row["Value"] for row in table(sections(split_card(render_card(m))[1])["What this bundle holds"])}
+    assert "Two-pass int8 inputs" not in kv  # the .pte plan keeps one pass
+    m["artifacts"][1]["details"]["quantization"]["two_pass_linears"] = {"down_proj": 2}
+    kv = {row["Field"]: row["Value"] for row in table(sections(split_card(render_card(m))[1])["What this bundle holds"])}
+    assert kv["Two-pass int8 inputs"].startswith("onnx: `down_proj` (2) (the input and its int8 rounding residual")

@@ -42,9 +42,9 @@ TOL = 1e-4
 
 
 def export_bundle(lm, out: Path, scheme: str = "fp32", emb: str = "none", context: int = CTX,
-                  opts: DecoderOptions | None = None):
+                  opts: DecoderOptions | None = None, down_passes: int | None = None):
     """A complete bundle (manifest + tokenizer + ONNX artifact), as ``phonekit export`` writes it."""
-    plan = make_plan(lm.model, parse_scheme(scheme), parse_embedding(emb), "onnx")
+    plan = make_plan(lm.model, parse_scheme(scheme), parse_embedding(emb), "onnx", down_passes=down_passes)
     with BundleWriter(out) as w:
         manifest = base_manifest(lm, context, plan.summary(), w.root)
         art = onnx_export.export(lm, plan, context, w.root, Steps(quiet=True), opts)

@@ -10,7 +10,8 @@ million, see export/onnx_export.py), so the checks are genai agreement and the a
 The France answer hangs on a small first-token margin ("The" vs "L"): 0.08 nats in fp32,
 0.22 in the 8da4w artifact and 0.11 in w4 (measured with this ONNX Runtime on this
 machine, the 8-bit head's input in two int8 passes, the embedding column-equalized;
-without equalization 0.16 and 0.01; one pass: 0.27 and 0.11); a flipped int8 rounding tie
+without equalization 0.16 and 0.01; one pass: 0.27 and 0.11; 8da4w with --down-passes 2:
+0.44); a flipped int8 rounding tie
 moves logits by ~0.03. With a float head (--quant-embedding none) the
 8da4w artifact, equal to its reference up to float rounding, tips to "L'Étoile de France
 ... is the capital of France."; as phonekit export makes it (8-bit tied head) it says "The

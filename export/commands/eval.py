@@ -34,8 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{DEFAULT_METHOD[8]} for 8, as phonekit export) "
                         "emb=none|8w|4w, and smooth[=ALPHA] (SmoothQuant activation smoothing for 8da*, default alpha "
                         "0.6, calibrated on the shipped text's last 4,096 tokens), head-passes=1|2 (int8 passes of the "
-                        "tied 8-bit head's input, default 2 except on the .pte) and head-eq=0|1 (the tied 8-bit "
-                        "embedding stored column-equalized, default where the head's input is float or in two passes), "
+                        "tied 8-bit head's input, default 2 except on the .pte), head-eq=0|1 (the tied 8-bit "
+                        "embedding stored column-equalized, default where the head's input is float or in two passes) "
+                        "and down-passes=1|2 (int8 passes of down_proj's input, default 2 for 8da8w except on the .pte), "
                         "e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")
@@ -214,7 +215,9 @@ def _print(out: dict[str, Any]) -> None:
         emb += {2: ", two-pass input", 1: ", one-pass input"}.get(r["head_int8_passes"], "")
         emb += ", equalized" if r["head_equalized"] else ""
         sm = r.get("smoothing")
-        t.add_row(r["scheme"] + (f", smooth {sm['alpha']:g}" if sm else ""), r["weights"], emb, f"{r['perplexity']:.3f}", _pct(r["ppl_change"]),
+        scheme = r["scheme"] + (f", smooth {sm['alpha']:g}" if sm else "")
+        scheme += f", {r['two_pass_linears']} two-pass" if r["two_pass_linears"] else ""
+        t.add_row(scheme, r["weights"], emb, f"{r['perplexity']:.3f}", _pct(r["ppl_change"]),
                   _pct(r["top1_agreement"], False), f"{r['seconds']:.0f}s")
     c.print(t)
     s = out["sensitivity"]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phonekit.errors import QuantError, UsageError
+from phonekit.errors import PlanOptionError, QuantError, UsageError
 from phonekit.export.commands import verb_parser
 from phonekit.export.commands.generate import add_model_args
 
@@ -30,6 +30,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--single-pass-head", action="store_true",
                    help="round the tied 8-bit head's input to int8 once instead of twice (input + rounding residual, "
                         "the default on ONNX; the .pte takes one, Core ML's head input is float): less accurate (see README)")
+    p.add_argument("--down-passes", type=int, choices=[1, 2], default=None, metavar="N",
+                   help="int8 passes of down_proj's input for the 8da* schemes off the .pte: 2 = the input and its "
+                        "rounding residual (default for 8da8w; for 8da4w better quality at -8%% decode on ONNX), "
+                        "1 = once (see README)")
     p.add_argument("--no-head-equalization", action="store_true",
                    help="store the tied 8-bit embedding/head as it is instead of column-equalized (the default where the "
                         "head's input is float or in two passes: ONNX, Core ML); see README")
@@ -64,10 +68,12 @@ def resolve_context(lm: Any, context: int | None) -> int:
 
 
 def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], explicit: set[str],
-              head_passes: int | None = None, equalize_head: bool | None = None) -> dict[str, Any]:
+              head_passes: int | None = None, equalize_head: bool | None = None,
+              down_passes: int | None = None) -> dict[str, Any]:
     """One quantization plan per format. A format named by --target that cannot run the
     scheme gets its documented counterpart (recorded); a format named by --format errors.
-    ``head_passes`` / ``equalize_head``: the tied head's overrides (``make_plan``)."""
+    ``head_passes`` / ``equalize_head`` / ``down_passes``: overrides of the plan's defaults
+    (``make_plan``)."""
     from phonekit.quant import check_format, make_plan, parse_embedding, parse_scheme
     from phonekit.quant.schemes import FORMAT_SCHEMES, Scheme
     from phonekit.quant.source_grid import source_grid_report
@@ -86,7 +92,12 @@ def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], expl
             if counterpart not in FORMAT_SCHEMES[fmt]:
                 raise
             s = Scheme(counterpart, scheme.group_size, scheme.method)
-        plans[fmt] = make_plan(lm.model, s, emb, fmt, head_passes, equalize_head)
+        try:
+            plans[fmt] = make_plan(lm.model, s, emb, fmt, head_passes, equalize_head, down_passes)
+        except PlanOptionError as e:  # of the export flags, only --down-passes can ask for what a plan cannot take
+            if down_passes is None:
+                raise
+            raise PlanOptionError(f"--down-passes {down_passes}: {e}") from None
         source_grid_report(lm.model, plans[fmt], lm.gguf_types)
         if s != scheme:
             plans[fmt].notes.append(f"--quant {scheme.name} is not available on {fmt}; this artifact uses {s.name}")
@@ -114,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     smoothing = _smooth(lm, args.model, alpha, steps) if alpha is not None else None
     plans = plans_for(lm, args.quant, args.quant_embedding, formats, explicit,
                       head_passes=1 if args.single_pass_head else None,
-                      equalize_head=False if args.no_head_equalization else None)
+                      equalize_head=False if args.no_head_equalization else None,
+                      down_passes=args.down_passes)
     for plan in plans.values():
         plan.smoothing = smoothing
         if smoothing and not plan.scheme.dynamic_act:
