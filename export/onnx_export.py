@@ -170,6 +170,17 @@ def genai_tokenizer_config(lm: Any, context: int) -> dict[str, Any] | None:
     return cfg
 
 
+def _two_pass_text(plan: Any, info: DecoderInfo) -> str | None:
+    if not info.two_pass_linears:
+        return None
+    names = plan.two_pass_linears
+    kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+    int8 = all(plan.linears[n].bits == 8 and plan.linears[n].group_size is None for n in names)
+    return (f"{info.two_pass_linears} linear calls ({kinds}): the int8 per-token input and its rounding residual, "
+            + ("as extra rows of the same MatMulInteger, the two outputs summed" if int8 else
+               "each rounded per token and summed before one MatMulNBits (float compute on the rounded input)"))
+
+
 def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool, opts: DecoderOptions) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -237,9 +248,7 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
             "zero_point_inputs": info.zero_point_inputs,
             "offset_corrections": info.offset_corrections,
             "merged_projections": info.merged,
-            "two_pass_inputs": None if not info.two_pass_linears else (
-                f"{info.two_pass_linears} linear calls ({', '.join(sorted(plan.summary().get('two_pass_linears', {})))}): "
-                "the int8 per-token input and its rounding residual as extra rows of the same matmul, summed"),
+            "two_pass_inputs": _two_pass_text(plan, info),
             "embedding": "Gather (float)" if emb is None else f"GatherBlockQuantized int{emb.bits} "
             + ("per row" if emb.group_size is None else f"g{emb.group_size}"),
             "head": head,

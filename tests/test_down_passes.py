@@ -99,6 +99,7 @@ def test_onnx_graph_computes_the_two_pass_reference(family, scheme, tmp_path):
     layers = lm.model.args.num_hidden_layers
     w = art["details"]["weights"]
     assert w["two_pass_inputs"].startswith(f"{layers} linear calls (down_proj)")
+    assert ("MatMulInteger" in w["two_pass_inputs"]) == (scheme == "8da8w")
     if scheme == "8da4w":  # the summed input: no extra MatMulNBits
         assert w["matmul_nbits_nodes"] == 4 * layers
     ids = prompt(16, seed=9)
