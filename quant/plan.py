@@ -164,9 +164,9 @@ def _down_passes(scheme: Scheme, fmt: str | None, down_passes: int | None) -> in
     plans) one rounding there cost 8da8w:smooth 94.6% against 95.2% top-1 agreement in two
     passes (a float input to every linear: 95.9%), 8da8w +1.77% against +0.89% perplexity,
     8da4w 92.2% against 93.9%. Default for 8da8w off the .pte: ONNX sends the second row
-    through the same MatMulInteger (decode -6 to -7%, bench/onnx_schemes.py). Opt-in for 8da4w:
+    through the same MatMulInteger (decode -5 to -9% in three runs, bench/onnx_schemes.py). Opt-in for 8da4w:
     its int4 MatMulNBits computes in float on the rounded input, so the two rounded inputs
-    are summed and multiplied once, but the residual's rounding ops still cost -8% decode on
+    are summed and multiplied once, but the residual's rounding ops still cost up to -8% decode on
     top of the float offsets' -9 to -11% (issue 9's budget is 10%). Not on the .pte: XNNPACK
     would run the residual's ops outside the delegate, as for the head. Two passes on gate/up
     too measured 95.4% for 8da8w:smooth at another -5% decode, so they keep one.

@@ -32,7 +32,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "the default on ONNX; the .pte takes one, Core ML's head input is float): less accurate (see README)")
     p.add_argument("--down-passes", type=int, choices=[1, 2], default=None, metavar="N",
                    help="int8 passes of down_proj's input for the 8da* schemes off the .pte: 2 = the input and its "
-                        "rounding residual (default for 8da8w; for 8da4w better quality at -8%% decode on ONNX), "
+                        "rounding residual (default for 8da8w; for 8da4w better quality at up to -8%% decode on ONNX), "
                         "1 = once (see README)")
     p.add_argument("--no-head-equalization", action="store_true",
                    help="store the tied 8-bit embedding/head as it is instead of column-equalized (the default where the "
