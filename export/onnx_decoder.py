@@ -79,6 +79,7 @@ class DecoderInfo:
     act_quant_nodes: int = 0
     head_int8: bool = False  # the tied quantized head runs as MatMulInteger (int8 per-token input)
     two_pass_linears: int = 0  # block linears whose int8 input runs in two passes (LinearPlan.act_passes)
+    two_pass_rows: bool = False  # ... as extra MatMulInteger rows (int8 path); else summed before MatMulNBits
 
 
 class _Ops:
@@ -314,6 +315,14 @@ class _Ops:
         first, second = g.op("Split", self.quant_linear(both, name, w, lp), axis=-2, n_out=2)  # equal halves
         return g.op("Add", first, second)
 
+    def planned_linear(self, x: str, name: str, tensor: torch.Tensor, lp: LinearPlan) -> str:
+        """``quant_linear``, in two passes where ``lp`` says so (acc4 rounds inside the kernel: one)."""
+        if lp.two_pass_input and self.opts.act_method == "qdq":
+            self.info.two_pass_linears += 1
+            self.info.two_pass_rows = self.int8_path(lp)
+            return self.two_pass(x, name, tensor, lp)
+        return self.quant_linear(x, name, tensor, lp)
+
     def quant_linear(self, x: str, name: str, tensor: torch.Tensor, lp: LinearPlan) -> str:
         if self.int8_path(lp):
             return self.matmul_int8_dynamic(x, name, tensor, lp)
@@ -345,17 +354,14 @@ class _Builder(_Ops):
         if lp is None:
             self.info.float_matmul_nodes += 1
             return self.g.op("MatMul", x, self.fweight(f"{name}.weight_t", w, transpose=True))
-        if lp.dynamic_act and lp.act_passes == 2 and self.opts.act_method == "qdq":  # acc4 rounds inside the kernel
-            self.info.two_pass_linears += 1
-            return self.two_pass(x, name, w, lp)
-        return self.quant_linear(x, name, w, lp)
+        return self.planned_linear(x, name, w, lp)
 
     def linears(self, x: str, names: list[str]) -> list[str]:
         """``linear`` of each name, on the same input x: merged into one MatMulNBits when all
         have the same plan on that path (int4, weight-only int8); else one by one."""
         lps = {self.plan.linears.get(n) for n in names}
         lp = next(iter(lps))
-        if len(lps) != 1 or lp is None or self.int8_path(lp) or lp.act_passes == 2:
+        if len(lps) != 1 or lp is None or self.int8_path(lp) or lp.two_pass_input:
             return [self.linear(x, n) for n in names]
         outs = self.merged_linears(x, [(n, self._param(f"{n}.weight")) for n in names], lp)
         label = "+".join(n.rsplit(".", 1)[-1] for n in names)
@@ -607,21 +613,18 @@ class _Builder(_Ops):
         return o, c_all, kpe_all
 
 
-def linear_graph(weight: torch.Tensor, lp: LinearPlan | None, opts: DecoderOptions | None = None,
-                 passes: int = 1) -> Graph:
+def linear_graph(weight: torch.Tensor, lp: LinearPlan | None, opts: DecoderOptions | None = None) -> Graph:
     """A one-linear graph ``x [rows, K] -> y [rows, N]`` through the very code the decoder uses
-    for a linear under ``lp`` (None = float; ``passes`` 2: the tied head's two-pass int8
-    input), so its numerics and speed can be checked in isolation."""
+    for a linear under ``lp`` (None = float; ``lp.act_passes`` 2: two-pass int8 input, as the
+    tied head's and down_proj's), so its numerics and speed can be checked in isolation."""
     g = Graph("phonekit-linear")
     ops = _Ops(g, opts or DecoderOptions(), rank=2)
     n, k = weight.shape
     x = g.input("x", FLOAT, ["rows", k])
     if lp is None:
         y = g.op("MatMul", x, ops.fweight("w.weight_t", weight, transpose=True))
-    elif passes == 2:
-        y = ops.two_pass(x, "w", weight, lp)
     else:
-        y = ops.quant_linear(x, "w", weight, lp)
+        y = ops.planned_linear(x, "w", weight, lp)
     g.nodes[-1].output[0] = "y"
     g.output("y", FLOAT, ["rows", n])
     return g

@@ -173,11 +173,9 @@ def genai_tokenizer_config(lm: Any, context: int) -> dict[str, Any] | None:
 def _two_pass_text(plan: Any, info: DecoderInfo) -> str | None:
     if not info.two_pass_linears:
         return None
-    names = plan.two_pass_linears
-    kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
-    int8 = all(plan.linears[n].bits == 8 and plan.linears[n].group_size is None for n in names)
+    kinds = ", ".join(sorted(plan.summary().get("two_pass_linears", {})))
     return (f"{info.two_pass_linears} linear calls ({kinds}): the int8 per-token input and its rounding residual, "
-            + ("as extra rows of the same MatMulInteger, the two outputs summed" if int8 else
+            + ("as extra rows of the same MatMulInteger, the two outputs summed" if info.two_pass_rows else
                "each rounded per token and summed before one MatMulNBits (float compute on the rounded input)"))
 
 

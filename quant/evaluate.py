@@ -228,8 +228,7 @@ def evaluate_fn(fn: LogitsFn, ref: FloatReference, on_window: Callable[[int], An
 
 _OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
 _SMOOTH = re.compile(r"^smooth(?:=([0-9.]+))?$")
-_HEAD = re.compile(r"^head-passes=(\d+)$")
-_DOWN = re.compile(r"^down-passes=(\d+)$")
+_PASSES = re.compile(r"^(head|down)-passes=(\d+)$")
 _HEAD_EQ = re.compile(r"^head-eq=(\w+)$")
 CALIBRATION_TOKENS = 4096  # the shipped text's last tokens; the default evaluation reads its first 8192
 CALIBRATION_TEXT = f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"  # as eval results and manifests say it
@@ -286,15 +285,13 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     method = None
     explicit = False
     smooth = None
-    head_passes = None
+    passes: dict[str, int | None] = {"head": None, "down": None}
     head_eq = None
-    down_passes = None
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
         sm = _SMOOTH.match(opt)
-        hm = _HEAD.match(opt)
+        pm = _PASSES.match(opt)
         em = _HEAD_EQ.match(opt)
-        dm = _DOWN.match(opt)
         if m:
             emb = parse_embedding(m.group(2))
             explicit = True
@@ -304,18 +301,14 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
             smooth = float(sm.group(1)) if sm.group(1) else DEFAULT_ALPHA
             if not 0.0 < smooth < 1.0:
                 raise QuantError(f"--quant {text!r}: smooth={sm.group(1)} must be between 0 and 1, e.g. smooth={DEFAULT_ALPHA}")
-        elif hm:
-            head_passes = int(hm.group(1))
-            if head_passes not in (1, 2):
-                raise QuantError(f"--quant {text!r}: head-passes={head_passes}; use 1 or 2")
+        elif pm:
+            passes[pm.group(1)] = int(pm.group(2))
+            if passes[pm.group(1)] not in (1, 2):
+                raise QuantError(f"--quant {text!r}: {opt}; use 1 or 2")
         elif em:
             if em.group(1) not in ("0", "1"):
                 raise QuantError(f"--quant {text!r}: head-eq={em.group(1)}; use 0 or 1")
             head_eq = em.group(1) == "1"
-        elif dm:
-            down_passes = int(dm.group(1))
-            if down_passes not in (1, 2):
-                raise QuantError(f"--quant {text!r}: down-passes={down_passes}; use 1 or 2")
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
                              f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA], head-passes=1|2, head-eq=0|1 or "
@@ -326,7 +319,7 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     if smooth is not None and not scheme.dynamic_act:
         raise QuantError(f"--quant {text!r}: smoothing eases int8 activation rounding and {scheme.name} has none; "
                          "use it with 8da8w or 8da4w")
-    return Variant(text, scheme, emb, method, explicit, smooth, head_passes, head_eq, down_passes)
+    return Variant(text, scheme, emb, method, explicit, smooth, passes["head"], head_eq, passes["down"])
 
 
 def calibration_windows(tokenizer: Any, context: int = DEFAULT_CONTEXT) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ so "exactly as applied, including fallbacks" is one object.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -44,6 +45,11 @@ class LinearPlan:
     act_passes: int = 1
 
     @property
+    def two_pass_input(self) -> bool:
+        """The int8 per-token input runs in two passes (``act_passes`` 2 with dynamic activations)."""
+        return self.dynamic_act and self.act_passes == 2
+
+    @property
     def has_offset(self) -> bool:
         return self.method in OFFSET_METHODS
 
@@ -51,7 +57,7 @@ class LinearPlan:
         text = f"int{self.bits} " + ("per-channel" if self.group_size is None else f"g{self.group_size}") + f" {self.method}"
         if self.has_offset:
             text += " (offsets as an int8 correction linear)" if self.offset == "correction" else " (exact float offsets)"
-        act = (" + int8 per-token act" + (" in two passes" if self.act_passes == 2 else "")) if self.dynamic_act else ""
+        act = (" + int8 per-token act" + (" in two passes" if self.two_pass_input else "")) if self.dynamic_act else ""
         return text + (" bf16 scales" if self.scale_bf16 else "") + act
 
 
@@ -78,7 +84,7 @@ class QuantPlan:
     @property
     def two_pass_linears(self) -> list[str]:
         """Linears whose int8 input runs in two passes (``LinearPlan.act_passes``)."""
-        return [n for n, lp in self.linears.items() if lp.dynamic_act and lp.act_passes == 2]
+        return [n for n, lp in self.linears.items() if lp.two_pass_input]
 
     @property
     def head_int8_passes(self) -> int:
@@ -91,10 +97,7 @@ class QuantPlan:
         groups: dict[str, list[str]] = {}
         for name, lp in self.linears.items():
             groups.setdefault(lp.describe(), []).append(name)
-        two_pass: dict[str, int] = {}
-        for name in self.two_pass_linears:
-            kind = name.rsplit(".", 1)[-1]
-            two_pass[kind] = two_pass.get(kind, 0) + 1
+        two_pass = dict(Counter(n.rsplit(".", 1)[-1] for n in self.two_pass_linears))
         return {
             **self.scheme.describe(),
             "embedding": None if self.embedding is None else asdict(self.embedding),
@@ -145,12 +148,9 @@ def _set_head_act(plan: QuantPlan, scheme: Scheme, emb: LinearPlan, fmt: str | N
     off, True requires it."""
     plan.head_dynamic_act = _head_dynamic_act(scheme, emb.bits, fmt)
     can_two = plan.head_dynamic_act and emb.bits == 8  # a 4-bit head's error is its weights'
-    if head_passes not in (None, 1, 2):
-        raise PlanOptionError(f"head passes {head_passes}: use 1 or 2")
-    if head_passes == 2 and not can_two:
-        raise PlanOptionError("head-passes=2 needs a tied 8-bit head with int8 inputs, which this plan does not have"
-                         + ("" if fmt is None else f" on --format {fmt}"))
-    plan.head_act_passes = head_passes or (2 if can_two and fmt != "pte" else 1)
+    plan.head_act_passes = _passes(head_passes, can_two, can_two and fmt != "pte", "head",
+                                   "head-passes=2 needs a tied 8-bit head with int8 inputs, which this plan does not have"
+                                   + ("" if fmt is None else f" on --format {fmt}"))
     can_eq = (plan.head_tied_to_embedding and emb.bits == 8 and emb.group_size is None
               and (not plan.head_dynamic_act or plan.head_act_passes == 2))
     plan.head_equalization = equalize.record() if can_eq and equalize_head is not False else None
@@ -172,12 +172,19 @@ def _down_passes(scheme: Scheme, fmt: str | None, down_passes: int | None) -> in
     too measured 95.4% for 8da8w:smooth at another -5% decode, so they keep one.
     ``down_passes`` overrides the default."""
     can_two = scheme.dynamic_act and fmt != "pte"
-    if down_passes not in (None, 1, 2):
-        raise PlanOptionError(f"down_proj passes {down_passes}: use 1 or 2")
-    if down_passes == 2 and not can_two:
-        raise PlanOptionError("two passes for down_proj's input need int8 per-token activations (8da8w, 8da4w) off the .pte"
-                              + ("" if fmt is None else f"; --format {fmt} runs them in one pass"))
-    return down_passes or (2 if can_two and scheme.weight_bits == 8 else 1)
+    return _passes(down_passes, can_two, can_two and scheme.weight_bits == 8, "down_proj",
+                   "two passes for down_proj's input need int8 per-token activations (8da8w, 8da4w) off the .pte"
+                   + ("" if fmt is None else f"; --format {fmt} runs them in one pass"))
+
+
+def _passes(requested: int | None, can_two: bool, default_two: bool, what: str, refusal: str) -> int:
+    """Int8 passes of an input: ``requested`` (1 or 2; 2 only where ``can_two``, else
+    ``refusal`` is the error), or the default."""
+    if requested not in (None, 1, 2):
+        raise PlanOptionError(f"{what} passes {requested}: use 1 or 2")
+    if requested == 2 and not can_two:
+        raise PlanOptionError(refusal)
+    return requested or (2 if default_two else 1)
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:

@@ -244,7 +244,7 @@ def reference_linear(w: torch.Tensor, lp: LinearPlan) -> nn.Module:
         mod: nn.Module = CorrectedLinear(FakeQuantLinear(qw.codes_only().to(w.dtype), lp.dynamic_act), corr, avg)
     else:
         mod = FakeQuantLinear(qw.dequantize().to(w.dtype), lp.dynamic_act)
-    return TwoPassInput(mod) if lp.dynamic_act and lp.act_passes == 2 else mod
+    return TwoPassInput(mod) if lp.two_pass_input else mod
 
 
 class FakeQuantEmbedding(nn.Module):

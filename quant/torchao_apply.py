@@ -76,7 +76,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     if unquantized:
         raise QuantError(f"torchao left {unquantized[0]!r} unquantized ({len(unquantized)} layers); the plan cannot be applied")
     for name, lp in plan.linears.items():
-        if lp.dynamic_act and lp.act_passes == 2:
+        if lp.two_pass_input:
             _set(model, name, TwoPassInput(model.get_submodule(name)))
     if plan.embedding is not None and plan.head_act_passes == 2 and _is_quantized(model.lm_head.weight):
         model.lm_head = TwoPassInput(model.lm_head)

@@ -5,6 +5,8 @@ test_onnx.py, whose tied 8w heads now take two passes)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,7 @@ def test_onnx_two_pass_graph_computes_the_reference(tmp_path):
     want = R.TwoPassInput(R.FakeQuantLinear(wq, True))(x).numpy()
     outs = {}
     for passes in (1, 2):
-        graph = linear_graph(w, lp, passes=passes)
+        graph = linear_graph(w, replace(lp, act_passes=passes))
         graph.save(tmp_path / f"p{passes}.onnx", None)
         sess = ort.InferenceSession(str(tmp_path / f"p{passes}.onnx"), providers=["CPUExecutionProvider"])
         outs[passes] = sess.run(None, {"x": x.numpy()})[0]
