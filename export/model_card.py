@@ -42,6 +42,8 @@ FORMAT_TAGS: dict[str, list[str]] = {
     "onnx": ["onnx"],
     "coreml": ["coreml"],
 }
+# The manifest's quantization.offsets (quant.plan.QuantPlan.summary), as the card says it.
+OFFSET_TEXT = {"exact": "exact (float, as fitted)", "int8": "rounded to int8 (one byte a group of 32, a scale per row and block)"}
 FORMAT_NAMES = {"pte": "ExecuTorch", "onnx": "ONNX", "coreml": "Core ML"}
 CHAT_PROMPT = "What is the capital of France?"
 
@@ -169,6 +171,10 @@ def _holds(model: dict[str, Any], quant: dict[str, Any], tok: dict[str, Any], co
         rows.append(("Two-pass int8 inputs", "; ".join(
             f"{fmt}: " + ", ".join(f"`{k}` ({n})" for k, n in sorted(lin.items())) for fmt, lin in two)
             + " (the input and its int8 rounding residual through the same int8 weights)"))
+    offsets = [(a["format"], q["offsets"]) for a in arts
+               if (q := a.get("details", {}).get("quantization", {}) or {}).get("offsets")]
+    if offsets:
+        rows.append(("Group offsets", "; ".join(f"{fmt}: {OFFSET_TEXT.get(o, o)}" for fmt, o in offsets)))
     rows.append(("Kept float", ", ".join(f"`{k}`" for k in quant["kept_float"]) or "none"))
     files = ", ".join(f"`{f['path']}`" for f in tok["files"]) or "none (random weights: this bundle cannot turn text into tokens)"
     rows.append(("Tokenizer", f"{files}; vocabulary {tok['vocab_size']}, bos {tok['bos_id']}, "

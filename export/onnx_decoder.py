@@ -30,8 +30,9 @@ from onnx import TensorProto
 
 from phonekit.errors import QuantError
 from phonekit.export.onnx_graph import MS_DOMAIN, Graph
-from phonekit.export.onnx_quant import (FLOAT_OFFSETS, OFFSET_CORRECTION, OFFSET_FLOAT, OFFSET_UINT8, NBitsLayout,
-                                         correction_t, layout_for, offset_storage, pack_nbits)
+from phonekit.export.onnx_quant import (FLOAT_OFFSETS, OFFSET_BLOCKS, OFFSET_CORRECTION, OFFSET_FLOAT, OFFSET_UINT8,
+                                         NBitsLayout, correction_layout, correction_t, layout_for, offset_storage,
+                                         pack_nbits)
 from phonekit.quant.equalize import equalized_tensors
 from phonekit.quant.plan import LinearPlan, QuantPlan
 from phonekit.quant.reference import quantize_weight
@@ -82,6 +83,12 @@ class DecoderInfo:
     two_pass_rows: bool = False  # ... as extra MatMulInteger rows (int8 path); else summed before MatMulNBits
 
 
+# An offset correction as stored: C.T fp32 [groups, N] (OFFSET_CORRECTION), or C as an 8-bit
+# MatMulNBits weight: (B, scales, layout) (OFFSET_BLOCKS).
+Correction = str | tuple[str, str, NBitsLayout]
+Packed = tuple[str, str, str | None, Correction | None, NBitsLayout]
+
+
 class _Ops:
     """Weights and quantized linears on a graph; shared by the decoder and ``linear_graph``."""
 
@@ -97,7 +104,7 @@ class _Ops:
         self.rank = rank  # of the activations that enter linears ([batch, seq, K] in the decoder)
         self._act_cache: dict[str, dict[str, str]] = {}
         self._cast_cache: dict[str, str] = {}
-        self._packed: dict[str, tuple[str, str, str | None, str | None, NBitsLayout]] = {}
+        self._packed: dict[str, Packed] = {}
         self._int8: dict[str, tuple[str, str, str, str | None]] = {}
         self._group_sums: dict[tuple[str, int], str] = {}
 
@@ -119,13 +126,13 @@ class _Ops:
             self._cast_cache[name] = self.g.op("Cast", name, to=FLOAT)
         return self._cast_cache[name]
 
-    def packed(self, name: str, tensor: torch.Tensor, lp: LinearPlan) -> tuple[str, str, str | None, str | None, NBitsLayout]:
+    def packed(self, name: str, tensor: torch.Tensor, lp: LinearPlan) -> Packed:
         """``MatMulNBits`` initializers of a weight under ``lp``, registered once (shared -LS
-        blocks, tied head): B, scales, zero points (or None) and the offset correction C.T
-        (or None), all from one ``quantize_weight``."""
+        blocks, tied head): B, scales, zero points (or None) and the offset correction
+        (``Correction``, or None), all from one ``quantize_weight``."""
         return self.packed_rows([(name, tensor)], lp)
 
-    def packed_rows(self, parts: list[tuple[str, torch.Tensor]], lp: LinearPlan) -> tuple[str, str, str | None, str | None, NBitsLayout]:
+    def packed_rows(self, parts: list[tuple[str, torch.Tensor]], lp: LinearPlan) -> Packed:
         """``packed`` for linears that read the same input under the same plan, stacked row-wise
         into one weight named ``layers.0.self_attn.q_proj+k_proj+v_proj``: each part is
         quantized alone (``pack_nbits``, so its rows hold exactly its own codes, scales and
@@ -152,6 +159,9 @@ class _Ops:
                     cache["zero_points"] = np.concatenate([p.zero_points for p in packs])
                 if packs[0].offset_t is not None:
                     cache["offset_t"] = np.concatenate([p.offset_t for p in packs], axis=1)
+                if packs[0].offset_b is not None:
+                    cache["offset_b"] = np.concatenate([p.offset_b for p in packs])
+                    cache["offset_scales"] = np.concatenate([p.offset_scales for p in packs])
             return cache.pop(part)
 
         b = self.g.weight(f"{name}.qweight", lay.b_shape, np.uint8, lambda: make("B"))
@@ -164,11 +174,32 @@ class _Ops:
         elif storage == OFFSET_CORRECTION:
             groups = k // (lp.group_size or k)
             ct = self.g.weight(f"{name}.offset_t", (groups, n), np.float32, lambda: make("offset_t"))
+        elif storage == OFFSET_BLOCKS:
+            clay = correction_layout(n, k // lp.group_size)
+            ct = (self.padded_blocks(f"{name}.offset_q", clay, lambda: make("offset_b")),
+                  self.g.weight(f"{name}.offset_scales", clay.scales_shape, np.float32, lambda: make("offset_scales")),
+                  clay)
         self._packed[name] = (b, s, zp, ct, lay)
         for nm, _ in parts:
             self.info.quantized[nm] = {"bits": lp.bits, "block_size": lay.block, "per_channel": lp.group_size is None,
                                        "method": lp.method, "offsets": storage, "stored_as": name}
         return self._packed[name]
+
+    def padded_blocks(self, name: str, lay: NBitsLayout, make: Any) -> str:
+        """8-bit MatMulNBits codes [N, k_blocks, block] stored without the padding of the last
+        block ([N, K] uint8; the demo's 18 groups would otherwise take 32 bytes a row): Pad
+        (with the zero point) and Reshape, which ONNX Runtime folds into a constant when the
+        session loads (any optimization level above ORT_DISABLE_ALL), so MatMulNBits still
+        prepacks it. Unoptimized, the kernel gets the weight at run time and computes in
+        float (the sums are then not rounded: closer to exact, not the reference)."""
+        g = self.g
+        pad = lay.k_blocks * lay.block - lay.k
+        if not pad:
+            return g.weight(name, lay.b_shape, np.uint8, lambda: make().reshape(lay.b_shape))
+        flat = g.weight(name, (lay.n, lay.k), np.uint8, lambda: np.ascontiguousarray(make().reshape(lay.n, -1)[:, :lay.k]))
+        with g.scope("offset"):
+            padded = g.op("Pad", flat, g.const([0, 0, 0, pad]), g.const(lay.zero_point, np.uint8))
+            return g.op("Reshape", padded, g.const(list(lay.b_shape)))
 
     def int8_kn(self, name: str, tensor: torch.Tensor, lp: LinearPlan) -> tuple[str, str, str, str | None]:
         """Per-output-channel int8 codes stored [K, N] for ``MatMulInteger``, their scales [N],
@@ -241,12 +272,19 @@ class _Ops:
                 self._group_sums[key] = g.op("ReduceSum", xg, g.const([-1]), keepdims=0)
         return self._group_sums[key]
 
-    def offset_correction(self, y: str, x: str, ct: str, k: int) -> str:
+    def offset_correction(self, y: str, x: str, ct: Correction, k: int) -> str:
         """y + (group sums of x) @ C.T: the offsets of W = (q - zero) * scale that the codes'
-        product y = x @ (q * scale).T leaves out (C = -zero * scale, ``onnx_quant``)."""
-        groups = self.g.inits[ct].shape[0]
+        product y = x @ (q * scale).T leaves out (C = -zero * scale, ``onnx_quant``): an fp32
+        MatMul, or an 8-bit MatMulNBits whose kernel rounds the sums to int8 per token and
+        block (accuracy_level 4; quant.reference.BlockCorrectedLinear)."""
+        g = self.g
         self.info.offset_corrections += 1
-        return self.g.op("Add", y, self.g.op("MatMul", self.group_sums(x, groups, k), ct))
+        if isinstance(ct, str):
+            return g.op("Add", y, g.op("MatMul", self.group_sums(x, g.inits[ct].shape[0], k), ct))
+        b, s, clay = ct
+        corr = g.op("MatMulNBits", self.group_sums(x, clay.k, k), b, s, domain=MS_DOMAIN,
+                    K=clay.k, N=clay.n, bits=8, block_size=clay.block, accuracy_level=4)
+        return g.op("Add", y, corr)
 
     def matmul_nbits(self, x: str, name: str, tensor: torch.Tensor, lp: LinearPlan) -> str:
         return self._nbits(x, self.packed(name, tensor, lp), lp)
@@ -259,7 +297,7 @@ class _Ops:
         sizes = [int(t.shape[0]) for _, t in parts]
         return self.g.op("Split", y, self.g.const(sizes), axis=-1, n_out=len(parts))
 
-    def _nbits(self, x: str, packed: tuple[str, str, str | None, str | None, NBitsLayout], lp: LinearPlan) -> str:
+    def _nbits(self, x: str, packed: Packed, lp: LinearPlan) -> str:
         b, s, zp, ct, lay = packed
         # accuracy_level 1 = float32 compute (MLAS' fast CompFp32 kernels; 0 "unset" took a
         # ~4x slower path for int4 here); 4 = the kernel quantizes A to int8 itself.

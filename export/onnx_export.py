@@ -31,8 +31,10 @@ Quantization (``phonekit.quant`` plan; codes, scales and offsets from
   dequantized weights equal the reference's. Offset methods: ``asym``'s integer zeros as
   MatMulNBits' uint8 zero points (exact, same kernels and speed); the float offsets of
   ``affine`` / ``affine-search`` as a correction ``+ (per-group sums of x) @ C.T`` with
-  C = -zero * scale in fp32 beside a zero-point-free MatMulNBits (float rounding of the
-  reference; C adds one fp32 per group, like a scale: +13 MB on SmolLM2-135M). ONNX
+  C = -zero * scale beside a zero-point-free MatMulNBits, in fp32 (float rounding of the
+  reference, one fp32 per group like a scale: +13 MB on SmolLM2-135M), or with
+  ``--offsets int8`` one int8 per group in an 8-bit MatMulNBits (``onnx_quant.OFFSET_BLOCKS``,
+  +4.2 MB). ONNX
   Runtime 1.32 also takes float zero points (int4 only), but its CPU kernel then skips
   prepacking and dequantizes the whole weight to fp32 on every call:
   ``DecoderOptions(float_offsets="zero_points")`` writes them, the CLI does not. Measured
@@ -83,7 +85,7 @@ from phonekit.errors import ExportError, QuantError, UsageError
 from phonekit.export.bundle import Artifact
 from phonekit.export.onnx_decoder import DecoderInfo, DecoderOptions, build_decoder
 from phonekit.export.onnx_graph import IR_VERSION, MS_OPSET, OPSET, Graph
-from phonekit.export.onnx_quant import OFFSET_CORRECTION, OFFSET_FLOAT, OFFSET_UINT8
+from phonekit.export.onnx_quant import OFFSET_BLOCKS, OFFSET_CORRECTION, OFFSET_FLOAT, OFFSET_UINT8
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -210,6 +212,11 @@ def _details(lm: Any, plan: Any, graph: Graph, info: DecoderInfo, external: bool
         OFFSET_FLOAT: "MatMulNBits float32 zero points [N, blocks] (ORT dequantizes the weight per call)",
         OFFSET_CORRECTION: "zero-point-free MatMulNBits/MatMulInteger + (per-group sums of x) @ C.T, C = -zero * scale "
                       "(float32 [groups, N], initializer <name>.offset_t)",
+        OFFSET_BLOCKS: "zero-point-free MatMulNBits + an 8-bit MatMulNBits (accuracy_level 4: the sums rounded to "
+                       "int8 per token and block of 32 by the kernel) of (per-group sums of x) and C = -zero * scale, "
+                       "int8 per row and block of 32 groups (initializers <name>.offset_q, uint8 [N, groups], padded "
+                       "to whole blocks by a Pad / Reshape that ONNX Runtime folds when the session loads, and "
+                       "<name>.offset_scales [N, blocks])",
     }
     head = ("Gemm(transB) on the float embedding (stored once)" if plan.head_tied_to_embedding and emb is None else
             "MatMulInteger on the embedding's int8 codes [D, V] (stored once), input rounded to int8 per token"

@@ -21,12 +21,23 @@ read from its source (contrib_ops/cpu/quantization/matmul_nbits.cc) and measured
   dequantizes the whole matrix to fp32 with a naive loop on *every* call before an SGEMM
   (``ComputeBUnpacked``); ``accuracy_level=4`` is then ignored (float compute). One
   1536x576 int4 linear at M=1 took ~1.1 ms instead of ~0.05 ms here.
-* so float offsets are stored, by default, as a *correction* (``OFFSET_CORRECTION``):
-  the codes run through ``MatMulNBits`` without zero points (fast kernels) and
-  ``C = -zero * scale`` [N, groups] (fp32, one value per (row, group) like a zero
-  point) adds ``(per-group sums of x) @ C.T``: x @ W.T = x @ (q*s).T + sums(x) @ C.T,
-  exact algebra, float rounding only. ``DecoderOptions(float_offsets="zero_points")``
-  writes native float zero points instead (int4 only).
+* so float offsets run as a *correction*: the codes through ``MatMulNBits`` without zero
+  points (fast kernels) plus ``(per-group sums of x) @ C.T`` with ``C = -zero * scale``
+  [N, groups]: x @ W.T = x @ (q*s).T + sums(x) @ C.T.
+  - ``OFFSET_CORRECTION`` (the plan's ``zero_point``, the default): C in fp32 ([groups, N],
+    one value per (row, group) like a zero point), float rounding of the reference.
+    ``DecoderOptions(float_offsets="zero_points")`` writes native float zero points
+    instead (int4 only).
+  - ``OFFSET_BLOCKS`` (the plan's ``block_correction``, ``--offsets int8``): C int8 per
+    row and block of 32 groups, run as an 8-bit ``MatMulNBits`` with ``accuracy_level=4``
+    (MLAS rounds the sums to int8 per token and block of 32 itself;
+    ``quant.reference.BlockCorrectedLinear``); the int8 kernels are the fast ones (with the
+    float-compute 8-bit kernel a 3072x576 int4 linear and its correction took 1.5x as long). One byte a group in
+    the file (the last block's padding is added by a Pad that ONNX Runtime folds at load)
+    and a scale per 32 groups: the demo's 8da4w file +4.3% against 8da4w:sym where fp32 C
+    costs +14.0% (issue 9's size budget is 5%), for +0.3% perplexity. ONNX Runtime turns
+    an int8 DequantizeLinear -> MatMul into this very op on its own, so the rounded sums
+    come with an int8 C in any spelling.
 
 Per-output-channel int8 (``w8``, ``8da8w``, ``--quant-embedding 8w``) has no block of
 its own: the ops need a power-of-two block of at least 16, so the row's single scale
@@ -44,6 +55,7 @@ import torch
 from phonekit.errors import QuantError
 from phonekit.quant.plan import LinearPlan
 from phonekit.quant.reference import QuantizedWeight, quantize_weight
+from phonekit.quant.schemes import CORRECTION_BLOCK
 
 MIN_BLOCK = 16
 PER_CHANNEL_BLOCKS = (256, 128, 64, 32, 16)
@@ -51,6 +63,7 @@ PER_CHANNEL_BLOCKS = (256, 128, 64, 32, 16)
 OFFSET_UINT8 = "uint8 zero points"
 OFFSET_FLOAT = "float zero points"
 OFFSET_CORRECTION = "correction"
+OFFSET_BLOCKS = "int8 block correction"
 FLOAT_OFFSETS = ("correction", "zero_points")  # DecoderOptions.float_offsets
 
 
@@ -116,6 +129,8 @@ def offset_storage(lp: LinearPlan, float_offsets: str = "correction") -> str | N
         return None
     if lp.method == "asym":
         return OFFSET_UINT8
+    if lp.offset == "block_correction":
+        return OFFSET_BLOCKS
     # ORT 1.32 refuses float zero points on 8-bit weights ("use uint8 zero points").
     return OFFSET_FLOAT if float_offsets == "zero_points" and lp.bits == 4 else OFFSET_CORRECTION
 
@@ -124,13 +139,22 @@ def offset_storage(lp: LinearPlan, float_offsets: str = "correction") -> str | N
 class PackedNBits:
     """One weight as stored: ``b`` uint8 [N, k_blocks, blob], ``scales`` float32 [N, k_blocks],
     ``zero_points`` (ORT units, ``OFFSET_UINT8``: uint8 ``zp_u8_shape``; ``OFFSET_FLOAT``:
-    float32 [N, k_blocks]) or ``offset_t`` (``OFFSET_CORRECTION``: C.T float32 [groups, N])."""
+    float32 [N, k_blocks]) or ``offset_t`` (``OFFSET_CORRECTION``: C.T float32 [groups, N])
+    or ``offset_b`` / ``offset_scales`` (``OFFSET_BLOCKS``: C as an 8-bit MatMulNBits weight
+    of K = groups, ``correction_layout``)."""
 
     b: np.ndarray
     scales: np.ndarray
     layout: NBitsLayout
     zero_points: np.ndarray | None = None
     offset_t: np.ndarray | None = None
+    offset_b: np.ndarray | None = None
+    offset_scales: np.ndarray | None = None
+
+
+def correction_layout(n: int, groups: int) -> NBitsLayout:
+    """The 8-bit ``MatMulNBits`` weight [N, K = groups] of an ``OFFSET_BLOCKS`` correction."""
+    return NBitsLayout(n, groups, 8, CORRECTION_BLOCK)
 
 
 def _per_block(a: np.ndarray, lay: NBitsLayout, per_channel: bool) -> np.ndarray:
@@ -178,6 +202,12 @@ def pack_nbits(w: torch.Tensor, lp: LinearPlan, what: str, storage: str | None =
             out.zero_points = np.ascontiguousarray(_per_block(z, lay, per_channel), dtype=np.float32)
         elif storage == OFFSET_CORRECTION:
             out.offset_t = correction_t(qw)
+        elif storage == OFFSET_BLOCKS:
+            cq, cs = qw.block_correction()  # codes [N, blocks * 32] (zero-padded), scales [N, blocks]
+            clay = correction_layout(n, qw.scale.shape[1])
+            out.offset_b = np.ascontiguousarray((cq.numpy().astype(np.int16) + clay.zero_point).astype(np.uint8)
+                                                .reshape(clay.b_shape))
+            out.offset_scales = np.ascontiguousarray(cs.float().numpy().reshape(clay.scales_shape))
         else:
             raise ValueError(f"{what}: offset storage {storage!r} for a weight with offsets")
     elif storage is not None:

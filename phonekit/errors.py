@@ -36,8 +36,13 @@ class QuantError(PhonekitError):
 
 class PlanOptionError(QuantError):
     """An override of the plan's defaults (the tied head's input passes or equalization,
-    down_proj's input passes) that the plan cannot take; its message names the option, and
-    the caller prefixes the flag or variant that asked."""
+    down_proj's input passes, the offsets' storage) that the plan cannot take; its message
+    names the option, ``option`` is make_plan's argument that asked, and the caller prefixes
+    the flag or variant that asked."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class ExportError(PhonekitError):

@@ -122,8 +122,9 @@ PTE_DECOMPOSED = Layout(**_PTE_COMMON, cache_copies=2.0, score_buffers=2.0, shar
                         hidden_buffers=3.0, attn_buffers=0.0, ffn_buffers=0.0)  # FFN stays inside the delegates
 
 # ONNX Runtime CPU (export/onnx_decoder.py, onnx_quant.py): MatMulNBits int4 (packed 2 per
-# byte, fp32 scale per block = group, fp32 offset correction per block for the offset
-# methods), int8 per-channel with the row scale repeated per block of K, 8da8w as
+# byte, fp32 scale per block = group; the offset methods' correction fp32 per group, or
+# with --offsets int8 one int8 per group in whole blocks of 32 with an fp32 scale each, as
+# MLAS packs it), int8 per-channel with the row scale repeated per block of K, 8da8w as
 # MatMulInteger (int8 [K, N] + fp32 scale + int32 column sum per channel); fp16 is a storage
 # format (cast to fp32 when the session loads); a quantized tied head multiplies by the
 # embedding's own initializer (stored once). The cache is fp32 past_key_values inputs and
@@ -285,8 +286,9 @@ class Estimate:
 
 def _quant_bytes(rows: int, cols: int, bits: int, group: int | None, offset: str | None, lay: Layout) -> int:
     """One quantized matrix as stored: codes, scales, offsets, per-row extras. ``offset``:
-    None, "zero_point" (one per group) or "correction" (an int8 [rows, groups] linear with
-    a scale and the runtime's per-row extras of its own)."""
+    None, "zero_point" (one per group), "correction" (an int8 [rows, groups] linear with
+    a scale and the runtime's per-row extras of its own) or "block_correction" (ONNX: an
+    8-bit MatMulNBits [rows, groups] in blocks of 32 groups, one int8 scale per block)."""
     codes = rows * cols * bits // 8
     if group:
         n_scales, scale_bytes = rows * (cols // group), (lay.int4_scale_bytes if bits == 4 else lay.int8_scale_bytes)
@@ -300,6 +302,11 @@ def _quant_bytes(rows: int, cols: int, bits: int, group: int | None, offset: str
         zeros = int(n_scales * lay.zero_point_bytes)
     elif offset == "correction":
         zeros = rows * (cols // (group or cols)) + rows * (lay.int8_scale_bytes + lay.per_row_extra_bytes)
+    elif offset == "block_correction":
+        from phonekit.quant.schemes import CORRECTION_BLOCK
+
+        blocks = -(-(cols // (group or cols)) // CORRECTION_BLOCK)
+        zeros = rows * blocks * (CORRECTION_BLOCK + lay.int8_scale_bytes)
     return codes + n_scales * scale_bytes + zeros + rows * lay.per_row_extra_bytes
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from phonekit.errors import PlanOptionError, QuantError, UsageError
 from phonekit.quant.equalize import apply_head_equalization
-from phonekit.quant.plan import QuantPlan, make_plan
+from phonekit.quant.plan import OFFSET_CHOICES, QuantPlan, make_plan
 from phonekit.quant.reference import fake_quantize_model
 from phonekit.quant.schemes import WEIGHT_METHODS
 from phonekit.quant.schemes import EmbeddingScheme, Scheme, parse_embedding, parse_scheme
@@ -230,6 +230,7 @@ _OPT = re.compile(r"^(emb|embedding)=(auto|none|8w|4w)$")
 _SMOOTH = re.compile(r"^smooth(?:=([0-9.]+))?$")
 _PASSES = re.compile(r"^(head|down)-passes=(\d+)$")
 _HEAD_EQ = re.compile(r"^head-eq=(\w+)$")
+_OFFSETS = re.compile(r"^offsets=(\w+)$")
 CALIBRATION_TOKENS = 4096  # the shipped text's last tokens; the default evaluation reads its first 8192
 CALIBRATION_TEXT = f"phonekit/data/{EVAL_TEXT}, last {CALIBRATION_TOKENS} tokens"  # as eval results and manifests say it
 
@@ -246,7 +247,8 @@ class Variant:
     quant.reference.TwoPassInput) or ``head-eq=0|1`` (the tied 8-bit embedding stored
     column-equalized, quant.equalize; default where the head's input is float or in two
     passes) or ``down-passes=1|2`` (int8 passes of down_proj's input; default 2 for 8da8w off
-    the .pte, 1 otherwise)."""
+    the .pte, 1 otherwise) or ``offsets=exact|int8`` (how float offsets are stored,
+    quant.plan._offsets; default the format's own: exact except on the .pte)."""
 
     text: str
     scheme: Scheme
@@ -257,6 +259,7 @@ class Variant:
     head_passes: int | None = None  # None = the plan's own (2 for a tied 8-bit head with int8 inputs)
     head_eq: bool | None = None  # None = the plan's own
     down_passes: int | None = None  # None = the plan's own (quant.plan._down_passes)
+    offsets: str | None = None  # None = the format's own (quant.plan._offsets)
 
     @property
     def weight_method(self) -> str | None:
@@ -275,6 +278,8 @@ class Variant:
             parts.append(f"head-eq={int(self.head_eq)}")
         if self.down_passes is not None:
             parts.append(f"down-passes={self.down_passes}")
+        if self.offsets is not None:
+            parts.append(f"offsets={self.offsets}")
         return self.scheme.name + (":" + ",".join(parts) if parts else "")
 
 
@@ -287,8 +292,10 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
     smooth = None
     passes: dict[str, int | None] = {"head": None, "down": None}
     head_eq = None
+    offsets = None
     for opt in filter(None, (o.strip().lower() for o in opts.split(","))):
         m = _OPT.match(opt)
+        om = _OFFSETS.match(opt)
         sm = _SMOOTH.match(opt)
         pm = _PASSES.match(opt)
         em = _HEAD_EQ.match(opt)
@@ -309,17 +316,21 @@ def parse_variant(text: str, default_embedding: str | None = "auto") -> Variant:
             if em.group(1) not in ("0", "1"):
                 raise QuantError(f"--quant {text!r}: head-eq={em.group(1)}; use 0 or 1")
             head_eq = em.group(1) == "1"
+        elif om:
+            if om.group(1) not in OFFSET_CHOICES:
+                raise QuantError(f"--quant {text!r}: offsets={om.group(1)}; use exact or int8")
+            offsets = om.group(1)
         else:
             raise QuantError(f"--quant {text!r}: unknown option {opt!r}; use a weight method "
-                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA], head-passes=1|2, head-eq=0|1 or "
-                             "down-passes=1|2, "
+                             f"({', '.join(WEIGHT_METHODS)}), emb=auto|none|8w|4w, smooth[=ALPHA], head-passes=1|2, head-eq=0|1, "
+                             "down-passes=1|2 or offsets=exact|int8, "
                              "e.g. 8da4w:affine,emb=8w")
     if method is not None and scheme.is_float:
         raise QuantError(f"--quant {text!r}: {method} rounds quantized weights and {scheme.name} has none; drop :{method}")
     if smooth is not None and not scheme.dynamic_act:
         raise QuantError(f"--quant {text!r}: smoothing eases int8 activation rounding and {scheme.name} has none; "
                          "use it with 8da8w or 8da4w")
-    return Variant(text, scheme, emb, method, explicit, smooth, passes["head"], head_eq, passes["down"])
+    return Variant(text, scheme, emb, method, explicit, smooth, passes["head"], head_eq, passes["down"], offsets)
 
 
 def calibration_windows(tokenizer: Any, context: int = DEFAULT_CONTEXT) -> list[torch.Tensor]:
@@ -344,7 +355,8 @@ def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> Quan
     meaning: exact float offsets, fp32 scales)."""
     scheme = variant.scheme if variant.method is None else replace(variant.scheme, method=variant.method)
     try:
-        plan = make_plan(model, scheme, variant.embedding, fmt, variant.head_passes, variant.head_eq, variant.down_passes)
+        plan = make_plan(model, scheme, variant.embedding, fmt, variant.head_passes, variant.head_eq, variant.down_passes,
+                         variant.offsets)
     except PlanOptionError as e:  # the variant's own plan options: name the variant
         raise PlanOptionError(f"--quant {variant.text!r}: {e}") from None
     return plan

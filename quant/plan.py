@@ -22,12 +22,19 @@ RAW_WEIGHT_LINEARS = ("kv_b_proj",)
 
 
 # What a format computes for the per-group offset of an offset method (asym, affine*):
-# "zero_point" = the exact float offsets (Core ML blockwise offsets; ONNX stores them as
-# native uint8 zero points where they are integers, else as an fp32 correction term,
-# which equals them to float rounding); "correction" = for XNNPACK, which ignores zero
-# points: the int4 product with the codes plus a small int8 linear over the per-group
-# means of x (quant.reference.CorrectedLinear).
+# "zero_point" = the exact float offsets (Core ML blockwise offsets; ONNX's native uint8
+# zero points where they are integers, else an fp32 correction term, equal to float
+# rounding); "correction" = for XNNPACK, which ignores zero points: the int4 product with
+# the codes plus a small int8 linear over the per-group means of x
+# (quant.reference.CorrectedLinear). ONNX's opt-in "block_correction" (``_offsets``): the
+# codes' product plus an 8-bit MatMulNBits over the per-group sums of x, the offsets int8
+# per (row, 32 groups) and the sums int8 per token inside the kernel
+# (quant.reference.BlockCorrectedLinear): a quarter of the fp32 term's bytes.
 OFFSET_STORAGE = {"pte": "correction", "onnx": "zero_point", "coreml": "zero_point"}
+# Offset storages that round the offsets (and the group sums or means they multiply) to int8.
+INT8_OFFSETS = ("correction", "block_correction")
+OFFSET_CHOICES = ("exact", "int8")  # make_plan's ``offsets``
+FLOAT_OFFSET_METHODS = ("affine", "affine-search")
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,13 @@ class LinearPlan:
     def describe(self) -> str:
         text = f"int{self.bits} " + ("per-channel" if self.group_size is None else f"g{self.group_size}") + f" {self.method}"
         if self.has_offset:
-            text += " (offsets as an int8 correction linear)" if self.offset == "correction" else " (exact float offsets)"
+            text += OFFSET_WORDS[self.offset]
         act = (" + int8 per-token act" + (" in two passes" if self.two_pass_input else "")) if self.dynamic_act else ""
         return text + (" bf16 scales" if self.scale_bf16 else "") + act
+
+
+OFFSET_WORDS = {"zero_point": " (exact float offsets)", "correction": " (offsets as an int8 correction linear)",
+                "block_correction": " (offsets as an int8 correction over group sums)"}
 
 
 @dataclass
@@ -98,6 +109,7 @@ class QuantPlan:
         for name, lp in self.linears.items():
             groups.setdefault(lp.describe(), []).append(name)
         two_pass = dict(Counter(n.rsplit(".", 1)[-1] for n in self.two_pass_linears))
+        storages = {lp.offset for lp in self.linears.values() if lp.method in FLOAT_OFFSET_METHODS and lp.group_size}
         return {
             **self.scheme.describe(),
             "embedding": None if self.embedding is None else asdict(self.embedding),
@@ -113,6 +125,8 @@ class QuantPlan:
             **({"smoothing": self.smoothing} if self.smoothing else {}),
             **({"head_equalization": self.head_equalization} if self.head_equalization else {}),
             **({"two_pass_linears": two_pass} if two_pass else {}),
+            # make_plan's ``offsets`` that rebuilds this plan (phonekit check reads it back)
+            **({"offsets": "int8" if storages & set(INT8_OFFSETS) else "exact"} if storages else {}),
         }
 
 
@@ -177,14 +191,49 @@ def _down_passes(scheme: Scheme, fmt: str | None, down_passes: int | None) -> in
                    + ("" if fmt is None else f"; --format {fmt} runs them in one pass"))
 
 
+PASS_OPTIONS = {"head": "head_passes", "down_proj": "down_passes"}  # make_plan's argument per input
+
+
 def _passes(requested: int | None, can_two: bool, default_two: bool, what: str, refusal: str) -> int:
     """Int8 passes of an input: ``requested`` (1 or 2; 2 only where ``can_two``, else
     ``refusal`` is the error), or the default."""
     if requested not in (None, 1, 2):
-        raise PlanOptionError(f"{what} passes {requested}: use 1 or 2")
+        raise PlanOptionError(f"{what} passes {requested}: use 1 or 2", PASS_OPTIONS[what])
     if requested == 2 and not can_two:
-        raise PlanOptionError(refusal)
+        raise PlanOptionError(refusal, PASS_OPTIONS[what])
     return requested or (2 if default_two else 1)
+
+
+def _offsets(scheme: Scheme, fmt: str | None, requested: str | None) -> str:
+    """How the plan's linears store their offsets (``OFFSET_STORAGE``); ``requested``
+    ("exact" / "int8") overrides the format's default where the format can take it.
+
+    int8 (ONNX's ``block_correction``) stores C = -zero * scale as one int8 per group with a
+    scale per 32 groups: the demo's 8da4w ONNX file +4.3% against 8da4w:sym where the exact
+    fp32 term costs +14.0% (issue 9's size budget is 5%), decoding as fast, for +1.69% /
+    92.0% against +1.39% / 92.2% (8,192 tokens); on the demo's chat prompt "What is the
+    capital of France?" it tips the first token from "The" to "L'Étoile" (margin -0.28 nats
+    against +0.43 with exact offsets), which is why exact offsets stay ONNX's default
+    (issue 5 asks for Paris; README, "int8 offsets"). The .pte always stores int8 offsets
+    (XNNPACK ignores zero points), Core ML always exact ones (fp16)."""
+    native = OFFSET_STORAGE.get(fmt or "", "zero_point")
+    if requested is None:
+        return native
+    where = "" if fmt is None else f" on --format {fmt}"
+    if requested not in OFFSET_CHOICES:
+        raise PlanOptionError(f"offsets {requested!r}: use exact or int8", "offsets")
+    if scheme.weight_method not in FLOAT_OFFSET_METHODS or scheme.group_size is None:
+        raise PlanOptionError(f"offsets {requested}: only int4 groups with float offsets (affine, affine-search) "
+                              f"have offsets to store this way; {scheme.label} has none", "offsets")
+    if requested == "exact" and native == "correction":
+        raise PlanOptionError(f"exact offsets{where}: XNNPACK ignores zero points, so the .pte always adds them as an "
+                              "int8 correction; use --format onnx or coreml for exact offsets", "offsets")
+    if requested == "int8" and fmt == "coreml":
+        raise PlanOptionError("int8 offsets on --format coreml: Core ML stores the offsets as fp16 zero points "
+                              "(2 bytes a group, +1.7% on the demo); drop the option for Core ML", "offsets")
+    if requested == "exact":
+        return native
+    return native if native == "correction" else "block_correction"
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -194,22 +243,25 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def make_plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None = None,
               head_passes: int | None = None, equalize_head: bool | None = None,
-              down_passes: int | None = None) -> QuantPlan:
+              down_passes: int | None = None, offsets: str | None = None) -> QuantPlan:
     """``fmt`` matters for a tied head with a quantized embedding: XNNPACK (pte) runs
     quantized linears only with dynamic int8 activations, so there the head gets them.
     ``head_passes`` / ``equalize_head``: override the tied head's defaults (``_set_head_act``);
     ``head_passes`` is ignored where the plan has no tied quantized head; ``equalize_head`` True
     where the plan cannot take it is an error. ``down_passes``: override ``down_proj``'s
-    (``_down_passes``); ignored for schemes without quantized linears."""
-    plan = _plan(model, scheme, emb, fmt, head_passes, equalize_head, down_passes)
+    (``_down_passes``); ignored for schemes without quantized linears. ``offsets``: "exact"
+    or "int8" storage of float offsets (``_offsets``)."""
+    plan = _plan(model, scheme, emb, fmt, head_passes, equalize_head, down_passes, offsets)
     if equalize_head and plan.head_equalization is None:
         raise PlanOptionError("head equalization needs a tied 8-bit per-row embedding whose head input is float or in two "
-                         "passes, which this plan does not have" + ("" if fmt is None else f" on --format {fmt}"))
+                         "passes, which this plan does not have" + ("" if fmt is None else f" on --format {fmt}"),
+                              "equalize_head")
     return plan
 
 
 def _plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | None,
-          head_passes: int | None, equalize_head: bool | None, down_passes: int | None = None) -> QuantPlan:
+          head_passes: int | None, equalize_head: bool | None, down_passes: int | None = None,
+          offsets: str | None = None) -> QuantPlan:
     tied = getattr(model.args, "tie_word_embeddings", True)
     emb = emb.resolve(scheme, tied)
     plan = QuantPlan(scheme, emb)
@@ -227,7 +279,7 @@ def _plan(model: nn.Module, scheme: Scheme, emb: EmbeddingScheme, fmt: str | Non
     check_groups(scheme, {n: m.in_features for n, m in quant.items()})
     bf16 = fmt == "pte" and scheme.group_size is not None
     lp = LinearPlan(scheme.weight_bits, scheme.group_size, method=scheme.weight_method, dynamic_act=scheme.dynamic_act,
-                    scale_bf16=bf16, offset=OFFSET_STORAGE.get(fmt or "", "zero_point"))
+                    scale_bf16=bf16, offset=_offsets(scheme, fmt, offsets))
     down = replace(lp, act_passes=_down_passes(scheme, fmt, down_passes))
     for n in quant:
         plan.linears[n] = down if n.rsplit(".", 1)[-1] in TWO_PASS_LINEARS else lp

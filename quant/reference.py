@@ -22,7 +22,7 @@ from torch import nn
 
 from phonekit.quant.equalize import apply_head_equalization
 from phonekit.quant.plan import LinearPlan, QuantPlan
-from phonekit.quant.schemes import WEIGHT_METHODS
+from phonekit.quant.schemes import CORRECTION_BLOCK, WEIGHT_METHODS
 
 INT_RANGE = {8: (-128, 127), 4: (-8, 7)}
 
@@ -120,6 +120,54 @@ class TwoPassInput(nn.Module):
         return y[0] + y[1]
 
 
+def fake_quant_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """int8 symmetric round trip per row and block of ``block`` along the last axis: scale
+    max|x| / 127, codes round-half-even(x * (127 / max|x|)). What ONNX Runtime's MLAS does to
+    the input of a ``MatMulNBits`` with ``accuracy_level=4`` (QuantizeARow_CompInt8), float
+    op for float op."""
+    *lead, k = x.shape
+    kb = -(-k // block)
+    xb = F.pad(x.float(), (0, kb * block - k)).reshape(*lead, kb, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    scale = amax / 127
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.clamp(torch.round(xb * inv), -127, 127)
+    return (q * scale).reshape(*lead, kb * block)[..., :k].to(x.dtype)
+
+
+def group_sums(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, group)).sum(-1)
+
+
+class BlockCorrectedLinear(nn.Module):
+    """ONNX's offsets (``LinearPlan.offset`` "block_correction"): with W = (Q - Z) * S per
+    (row, group) and C = -Z * S [out, G],
+
+        x @ W.T = x @ (Q * S).T + sums(x) @ C.T,   sums(x)_g = sum_{i in g} x_i
+
+    where C is stored int8 per row and block of ``CORRECTION_BLOCK`` groups (``c_deq`` is its
+    dequantization) and the sums are rounded to int8 per token and block of 32 by the kernel
+    (``fake_quant_blocks``: an 8-bit ``MatMulNBits`` with ``accuracy_level=4``). x is the
+    linear's (rounded) input: with dynamic activations ``passes`` 1 rounds it per token once,
+    2 adds the rounded residual (TwoPassInput's input, summed before the matmuls as ONNX's
+    float-compute int4 path does)."""
+
+    def __init__(self, main: torch.Tensor, c_deq: torch.Tensor, dynamic_act: bool, passes: int = 1) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(main, requires_grad=False)  # Q * S
+        self.c = nn.Parameter(c_deq, requires_grad=False)
+        self.group = main.shape[1] // c_deq.shape[1]
+        self.dynamic_act = dynamic_act
+        self.passes = passes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_act:
+            q1 = fake_quant_per_token(x)
+            x = q1 if self.passes == 1 else q1 + fake_quant_per_token(x - q1)
+        sums = fake_quant_blocks(group_sums(x, self.group), CORRECTION_BLOCK)
+        return F.linear(x, self.weight) + F.linear(sums, self.c)
+
+
 class CorrectedLinear(nn.Module):
     """y = main(x) + corr(group means of x): an offset-method weight on a runtime that
     ignores zero points (XNNPACK). With W = (Q - Z) * S per (row, group) and C = -Z * S,
@@ -182,6 +230,31 @@ class QuantizedWeight:
         g = self.q.shape[1] // self.scale.shape[1]
         return quantize_symmetric(-(self.zero * self.scale) * g, 8, None)
 
+    def block_correction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONNX's offsets: C = -zero * scale [out, G], int8 symmetric per row and block of
+        ``CORRECTION_BLOCK`` groups (zero-padded to whole blocks): codes [out, blocks * 32],
+        scales [out, blocks]."""
+        assert self.zero is not None
+        c = -(self.zero * self.scale)
+        g = c.shape[1]
+        pad = -(-g // CORRECTION_BLOCK) * CORRECTION_BLOCK - g
+        return quantize_symmetric(F.pad(c, (0, pad)), 8, CORRECTION_BLOCK)
+
+    def stored(self, offset: str) -> torch.Tensor:
+        """The weight as an artifact with offset storage ``offset`` holds it: the exact
+        dequantization, or the codes' product plus the int8-rounded offsets of a correction."""
+        if self.zero is None or offset == "zero_point":
+            return self.dequantize()
+        out_f, in_f = self.q.shape
+        groups = self.scale.shape[1]
+        if offset == "correction":
+            cq, cs = self.correction()
+            c = dequantize(cq, cs) / (in_f // groups)
+        else:
+            cq, cs = self.block_correction()
+            c = dequantize(cq, cs)[:, :groups]
+        return self.codes_only() + c.repeat_interleave(in_f // groups, dim=1)
+
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
@@ -237,6 +310,10 @@ def _quantize_weight(w: torch.Tensor, lp: LinearPlan) -> QuantizedWeight:
 def reference_linear(w: torch.Tensor, lp: LinearPlan) -> nn.Module:
     """The reference module of one planned linear."""
     qw = quantize_weight(w, lp)
+    if qw.zero is not None and lp.offset == "block_correction":
+        cq, cs = qw.block_correction()
+        c = dequantize(cq, cs)[:, :qw.scale.shape[1]].to(w.dtype)
+        return BlockCorrectedLinear(qw.codes_only().to(w.dtype), c, lp.dynamic_act, lp.act_passes if lp.dynamic_act else 1)
     if qw.zero is not None and lp.offset == "correction":
         cq, cs = qw.correction()
         corr = FakeQuantLinear(dequantize(cq, cs).to(w.dtype), True)

@@ -179,6 +179,10 @@ _WHY = {
 }
 
 
+# Groups per block of ONNX's int8 offset correction (quant.reference.BlockCorrectedLinear):
+# MatMulNBits' 8-bit blocks, over which the offsets share a scale and the group sums are rounded.
+CORRECTION_BLOCK = 32
+
 # Smallest int4 group XNNPACK's blockwise kernels take (the ONNX exporter checks
 # MatMulNBits' own minimum of 16 itself).
 MIN_GROUP = {"pte": 32}

@@ -5,7 +5,9 @@ A GGUF file stores most weights already quantized (Q4_0: ``d * (q - 8)``, Q4_1:
 exact float values of that grid; a plan whose weight rounding can represent the grid
 (affine int4 groups of 32 for Q4_0/Q4_1, with float offsets) gives the same numbers back,
 so the export adds no error of its own. Whether it does is measured here per layer, not
-assumed, and the manifest records the result.
+assumed, on the weights as the format stores them (``QuantizedWeight.stored``: the .pte
+and ONNX round the offsets to int8, the .pte the scales to bfloat16), and the manifest
+records the result.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from phonekit.quant.plan import QuantPlan
+from phonekit.quant.plan import INT8_OFFSETS, QuantPlan
 from phonekit.quant.reference import quantize_weight
 
 # GGUF storage types whose grid a phonekit scheme can hold: (bits, group along the input).
@@ -40,7 +42,7 @@ def source_grid_report(model: nn.Module, plan: QuantPlan, gguf_types: dict[str, 
         if kind not in GRIDS:
             continue
         w = model.get_submodule(name).weight.data.float()
-        err = float((quantize_weight(w, lp).dequantize() - w).abs().max() / w.abs().max().clamp(min=1e-30))
+        err = float((quantize_weight(w, lp).stored(lp.offset) - w).abs().max() / w.abs().max().clamp(min=1e-30))
         r = rows.setdefault(kind, {"layers": 0, "held_exactly": 0, "max_rel_error": 0.0})
         r["layers"] += 1
         r["held_exactly"] += int(err <= EXACT)
@@ -55,7 +57,10 @@ def source_grid_report(model: nn.Module, plan: QuantPlan, gguf_types: dict[str, 
         else:
             lp = next(iter(plan.linears.values()))
             can = lp.bits == bits and lp.group_size == group and (lp.method in ("affine", "affine-search") or kind == "Q8_0")
-            why = ("XNNPACK rounds group scales to bfloat16" if can and lp.scale_bf16
+            rounds = [r for r, on in (("rounds group scales to bfloat16", lp.scale_bf16),
+                                      ("stores the offsets as int8", lp.offset in INT8_OFFSETS)) if on]
+            why = (f"the codes are kept; {'XNNPACK' if lp.offset == 'correction' else 'the format'} "
+                   + " and ".join(rounds) if can and rounds
                    else f"{lp.describe()} cannot hold {kind}: int{bits} groups of {group} with float offsets can")
             plan.notes.append(f"{r['held_exactly']}/{r['layers']} linears stored as GGUF {kind} keep that grid exactly "
                               f"(largest relative change {r['max_rel_error']:.2g}: {why})")

@@ -16,11 +16,11 @@ from phonekit.profiles.estimate import (COMPONENTS, Estimator, estimate, invento
 from phonekit.quant import make_plan, parse_embedding, parse_scheme
 
 
-def plan_for(preset: str, scheme: str, fmt: str, emb: str = "none"):
+def plan_for(preset: str, scheme: str, fmt: str, emb: str = "none", offsets: str | None = None):
     args = PRESETS[preset].args
     with torch.device("meta"):
         model = build_model(copy.deepcopy(args))
-    return args, make_plan(model, parse_scheme(scheme), parse_embedding(emb), fmt)
+    return args, make_plan(model, parse_scheme(scheme), parse_embedding(emb), fmt, offsets=offsets)
 
 
 # MobileLLM-125M: hidden 576, FFN 1536, 30 layers, 9 heads, 3 KV heads of 64, vocab 32,000, tied.
@@ -133,7 +133,9 @@ def test_plm_latent_cache_vs_decompressed() -> None:
 def test_offsets_of_the_default_4bit_rounding_on_each_backend() -> None:
     """affine-search (the 4-bit default) adds its offsets as each format stores them: the
     .pte an int8 [out, groups] correction linear with an fp32 scale and XNNPACK's per-channel
-    term per row; ONNX an fp32 value per group; Core ML an fp16 offset per block."""
+    term per row; ONNX an fp32 value per group (with --offsets int8: an 8-bit MatMulNBits
+    [out, groups], one int8 per group in blocks of 32 groups with an fp32 scale per block);
+    Core ML an fp16 offset per block."""
     lin, rows = 30 * PER_LAYER_LINEAR_PARAMS, 30 * PER_LAYER_ROWS
     args, plan = plan_for("mobilellm-125m", "8da4w", "pte")
     assert {lp.method for lp in plan.linears.values()} == {"affine-search"}
@@ -142,6 +144,12 @@ def test_offsets_of_the_default_4bit_rounding_on_each_backend() -> None:
     _, plan = plan_for("mobilellm-125m", "8da4w", "onnx")
     e = estimate(args, plan, 2048, "onnx", tokenizer_bytes=0)
     assert e.components["weights"] == lin // 2 + (lin // 32) * 8 + NORMS * 4
+    _, int8 = plan_for("mobilellm-125m", "8da4w", "onnx", offsets="int8")
+    e = estimate(args, int8, 2048, "onnx", tokenizer_bytes=0)
+    # Resident, MLAS packs whole 8-bit blocks: 576 inputs = 18 groups (one block of 32) for
+    # q/k/v/o/gate/up; down_proj's 1536 = 48 (two).
+    blocks = 30 * ((576 + 192 + 192 + 576 + 1536 + 1536) * 1 + 576 * 2)
+    assert e.components["weights"] == lin // 2 + (lin // 32) * 4 + blocks * (32 + 4) + NORMS * 4
     _, plan = plan_for("mobilellm-125m", "w4", "coreml")
     e = estimate(args, plan, 2048, "coreml", tokenizer_bytes=0)
     assert e.components["weights"] == lin // 2 + (lin // 32) * 4 + NORMS * 2

@@ -405,3 +405,15 @@ def test_two_pass_inputs_row_follows_the_artifacts(tmp_path: Path) -> None:
     m["artifacts"][1]["details"]["quantization"]["two_pass_linears"] = {"down_proj": 2}
     kv = {row["Field"]: row["Value"] for row in table(sections(split_card(render_card(m))[1])["What this bundle holds"])}
     assert kv["Two-pass int8 inputs"].startswith("onnx: `down_proj` (2) (the input and its int8 rounding residual")
+
+
+def test_group_offsets_row_says_how_each_artifact_stores_them(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path)  # 8da4w: affine-search offsets, int8 on the .pte
+    m["artifacts"][1]["details"]["quantization"]["offsets"] = "exact"
+    kv = {row["Field"]: row["Value"] for row in table(sections(split_card(render_card(m))[1])["What this bundle holds"])}
+    assert kv["Group offsets"] == ("pte: rounded to int8 (one byte a group of 32, a scale per row and block); "
+                                   "onnx: exact (float, as fitted)")
+    for art in m["artifacts"][:2]:
+        art["details"]["quantization"].pop("offsets")
+    kv = {row["Field"]: row["Value"] for row in table(sections(split_card(render_card(m))[1])["What this bundle holds"])}
+    assert "Group offsets" not in kv

@@ -36,7 +36,7 @@ def test_affine_keeps_a_q4_1_grid_and_the_plan_says_so():
     assert any(f"{n} linears stored as GGUF Q4_1 keep that grid exactly" in note for note in plan.notes)
 
 
-def test_symmetric_and_bf16_scales_do_not_and_the_plan_says_why():
+def test_symmetric_bf16_scales_and_int8_offsets_do_not_and_the_plan_says_why():
     lm, types = _gguf_like_lm()
     n = 4 * len(lm.model.layers)
     sym = make_plan(lm.model, parse_scheme("w4:sym"), parse_embedding("none"), "onnx")
@@ -47,7 +47,15 @@ def test_symmetric_and_bf16_scales_do_not_and_the_plan_says_why():
     r = source_grid_report(lm.model, pte, types)["Q4_1"]
     # XNNPACK keeps the codes but rounds the scales to bfloat16: off the grid by < 1%.
     assert r["held_exactly"] == 0 and 1e-5 < r["max_rel_error"] < 1e-2
-    assert any("bfloat16" in note for note in pte.notes)
+    assert any("bfloat16 and stores the offsets as int8" in note for note in pte.notes)
+    # ONNX with --offsets int8 keeps codes and fp32 scales and rounds the offsets to int8 per
+    # row and 32 groups; with its default exact offsets it keeps the grid.
+    onnx_plan = make_plan(lm.model, parse_scheme("8da4w:affine"), parse_embedding("none"), "onnx", offsets="int8")
+    r = source_grid_report(lm.model, onnx_plan, types)["Q4_1"]
+    assert r["held_exactly"] == 0 and 1e-5 < r["max_rel_error"] < 1e-2
+    assert any("the codes are kept; the format stores the offsets as int8" in note for note in onnx_plan.notes)
+    exact = make_plan(lm.model, parse_scheme("8da4w:affine"), parse_embedding("none"), "onnx")
+    assert source_grid_report(lm.model, exact, types)["Q4_1"]["held_exactly"] == n
 
 
 def test_no_report_without_a_gguf_source():

@@ -109,7 +109,7 @@ def resolve_context(config: Any, context: int | None) -> int:
 
 
 def bundle_plans(manifest: dict[str, Any], config: Any) -> dict[str, Any]:
-    """Rebuild each artifact's ``QuantPlan`` from what the manifest records (scheme + embedding)."""
+    """Rebuild each artifact's ``QuantPlan`` from what the manifest records (scheme, embedding, offsets)."""
     from phonekit.errors import QuantError
     from phonekit.quant import make_plan, parse_embedding
     from phonekit.quant.schemes import scheme_from_manifest
@@ -121,7 +121,8 @@ def bundle_plans(manifest: dict[str, Any], config: Any) -> dict[str, Any]:
         emb = q.get("embedding") or {}
         bits = emb.get("bits") if isinstance(emb, dict) else None
         try:
-            plans[art["format"]] = make_plan(model, scheme_from_manifest(q), parse_embedding(f"{bits}w" if bits else "none"), art["format"])
+            plans[art["format"]] = make_plan(model, scheme_from_manifest(q), parse_embedding(f"{bits}w" if bits else "none"),
+                                             art["format"], offsets=q.get("offsets"))
         except (KeyError, QuantError) as e:
             raise BundleError(f"manifest.json: artifact {art['file']}: quantization record unreadable ({e}); re-export the bundle") from None
     return plans

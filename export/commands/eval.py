@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "0.6, calibrated on the shipped text's last 4,096 tokens), head-passes=1|2 (int8 passes of the "
                         "tied 8-bit head's input, default 2 except on the .pte), head-eq=0|1 (the tied 8-bit "
                         "embedding stored column-equalized, default where the head's input is float or in two passes) "
-                        "and down-passes=1|2 (int8 passes of down_proj's input, default 2 for 8da8w except on the .pte), "
+                        "down-passes=1|2 (int8 passes of down_proj's input, default 2 for 8da8w except on the .pte) "
+                        "and offsets=exact|int8 (how float offsets are stored; default exact except on the .pte), "
                         "e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
     p.add_argument("--quant-embedding", default="auto", choices=["auto", "none", "8w", "4w"],
                    help="embedding and tied-head quantization: auto = int8 per row when the weights are quantized and the head is tied (default), none, 8w, 4w")

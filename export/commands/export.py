@@ -34,6 +34,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="int8 passes of down_proj's input for the 8da* schemes off the .pte: 2 = the input and its "
                         "rounding residual (default for 8da8w; for 8da4w better quality at up to -8%% decode on ONNX), "
                         "1 = once (see README)")
+    p.add_argument("--offsets", choices=["exact", "int8"], default=None,
+                   help="how --format onnx stores the float offsets of affine int4 groups (the 4-bit default): exact "
+                        "(fp32, default; the demo's 8da4w file +14%% against :sym) or int8 (one byte a group: +4.3%%, "
+                        "for +0.3%% perplexity; see README). The .pte always stores them as int8, Core ML as fp16")
     p.add_argument("--no-head-equalization", action="store_true",
                    help="store the tied 8-bit embedding/head as it is instead of column-equalized (the default where the "
                         "head's input is float or in two passes: ONNX, Core ML); see README")
@@ -69,11 +73,11 @@ def resolve_context(lm: Any, context: int | None) -> int:
 
 def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], explicit: set[str],
               head_passes: int | None = None, equalize_head: bool | None = None,
-              down_passes: int | None = None) -> dict[str, Any]:
+              down_passes: int | None = None, offsets: str | None = None) -> dict[str, Any]:
     """One quantization plan per format. A format named by --target that cannot run the
     scheme gets its documented counterpart (recorded); a format named by --format errors.
-    ``head_passes`` / ``equalize_head`` / ``down_passes``: overrides of the plan's defaults
-    (``make_plan``)."""
+    ``head_passes`` / ``equalize_head`` / ``down_passes`` / ``offsets``: overrides of the
+    plan's defaults (``make_plan``)."""
     from phonekit.quant import check_format, make_plan, parse_embedding, parse_scheme
     from phonekit.quant.schemes import FORMAT_SCHEMES, Scheme
     from phonekit.quant.source_grid import source_grid_report
@@ -93,11 +97,12 @@ def plans_for(lm: Any, scheme_text: str, emb_text: str, formats: list[str], expl
                 raise
             s = Scheme(counterpart, scheme.group_size, scheme.method)
         try:
-            plans[fmt] = make_plan(lm.model, s, emb, fmt, head_passes, equalize_head, down_passes)
-        except PlanOptionError as e:  # of the export flags, only --down-passes can ask for what a plan cannot take
-            if down_passes is None:
+            plans[fmt] = make_plan(lm.model, s, emb, fmt, head_passes, equalize_head, down_passes, offsets)
+        except PlanOptionError as e:  # name the flag that asked for what this plan cannot take
+            flag = {"down_passes": f"--down-passes {down_passes}", "offsets": f"--offsets {offsets}"}.get(e.option or "")
+            if flag is None:
                 raise
-            raise PlanOptionError(f"--down-passes {down_passes}: {e}") from None
+            raise PlanOptionError(f"{flag}: {e}", e.option) from None
         source_grid_report(lm.model, plans[fmt], lm.gguf_types)
         if s != scheme:
             plans[fmt].notes.append(f"--quant {scheme.name} is not available on {fmt}; this artifact uses {s.name}")
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     plans = plans_for(lm, args.quant, args.quant_embedding, formats, explicit,
                       head_passes=1 if args.single_pass_head else None,
                       equalize_head=False if args.no_head_equalization else None,
-                      down_passes=args.down_passes)
+                      down_passes=args.down_passes, offsets=args.offsets)
     for plan in plans.values():
         plan.smoothing = smoothing
         if smoothing and not plan.scheme.dynamic_act:
