@@ -298,15 +298,20 @@ def first_tie(model: torch.nn.Module, ids: list[int], margin: float = TIE) -> in
         if len(hit):
             rows.append(int(hit[0]))
 
+    def per_token(x: torch.Tensor) -> None:  # the 8da* input rounding
+        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+        near(x / ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps))
+
     def hook(mod, inp):  # noqa: ANN001
         # [batch, seq, K], or [2, batch, seq, K] inside a TwoPassInput (both passes are rounded)
         x = inp[0].float()
         if mod.dynamic_act:
-            lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
-            near(x / ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps))
+            per_token(x)
         if isinstance(mod, BlockCorrectedLinear):  # the group sums, rounded per token and block of 32
             if mod.dynamic_act:
                 q1 = fake_quant_per_token(x)
+                if mod.passes == 2:  # its input summed with the rounded residual
+                    per_token(x - q1)
                 x = q1 if mod.passes == 1 else q1 + fake_quant_per_token(x - q1)
             sums = group_sums(x, mod.group)
             blocks = torch.nn.functional.pad(sums, (0, -sums.shape[-1] % 32)).unflatten(-1, (-1, 32))
