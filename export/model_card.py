@@ -138,6 +138,11 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _per_format(arts: list[dict[str, Any]], key: str) -> list[tuple[str, Any]]:
+    """(format, value) of ``key`` in each artifact's own quantization record, where it is set."""
+    return [(a["format"], q[key]) for a in arts if (q := a.get("details", {}).get("quantization", {}) or {}).get(key)]
+
+
 def _holds(model: dict[str, Any], quant: dict[str, Any], tok: dict[str, Any], context: int,
            arts: list[dict[str, Any]]) -> str:
     emb = quant.get("embedding")
@@ -161,18 +166,16 @@ def _holds(model: dict[str, Any], quant: dict[str, Any], tok: dict[str, Any], co
     if isinstance(sm, dict):
         rows.append(("Activation smoothing", f"SmoothQuant, alpha {sm.get('alpha')}, {sm.get('smoothed_inputs')} linear inputs, "
                                              f"calibrated on {sm.get('calibration_tokens')} tokens"))
-    eq = [a["format"] for a in arts if (a.get("details", {}).get("quantization", {}) or {}).get("head_equalization")]
+    eq = [fmt for fmt, _ in _per_format(arts, "head_equalization")]
     if eq:
         rows.append(("Head equalization", "tied 8-bit embedding stored column-equalized (one multiply after the lookup, "
                                           f"folded into the final norm for the head) in: {', '.join(eq)}"))
-    two = [(a["format"], q["two_pass_linears"]) for a in arts
-           if (q := a.get("details", {}).get("quantization", {}) or {}).get("two_pass_linears")]
+    two = _per_format(arts, "two_pass_linears")
     if two:
         rows.append(("Two-pass int8 inputs", "; ".join(
             f"{fmt}: " + ", ".join(f"`{k}` ({n})" for k, n in sorted(lin.items())) for fmt, lin in two)
             + " (the input and its int8 rounding residual through the same int8 weights)"))
-    offsets = [(a["format"], q["offsets"]) for a in arts
-               if (q := a.get("details", {}).get("quantization", {}) or {}).get("offsets")]
+    offsets = _per_format(arts, "offsets")
     if offsets:
         rows.append(("Group offsets", "; ".join(f"{fmt}: {OFFSET_TEXT.get(o, o)}" for fmt, o in offsets)))
     rows.append(("Kept float", ", ".join(f"`{k}`" for k in quant["kept_float"]) or "none"))

@@ -187,7 +187,8 @@ class _Ops:
 
     def padded_blocks(self, name: str, lay: NBitsLayout, make: Any) -> str:
         """8-bit MatMulNBits codes [N, k_blocks, block] stored without the padding of the last
-        block ([N, K] uint8; the demo's 18 groups would otherwise take 32 bytes a row): Pad
+        block (``make`` gives them [N, K] uint8; the demo's 18 groups would otherwise take 32
+        bytes a row): Pad
         (with the zero point) and Reshape, which ONNX Runtime folds into a constant when the
         session loads (any optimization level above ORT_DISABLE_ALL), so MatMulNBits still
         prepacks it. Unoptimized, the kernel gets the weight at run time and computes in
@@ -196,7 +197,7 @@ class _Ops:
         pad = lay.k_blocks * lay.block - lay.k
         if not pad:
             return g.weight(name, lay.b_shape, np.uint8, lambda: make().reshape(lay.b_shape))
-        flat = g.weight(name, (lay.n, lay.k), np.uint8, lambda: np.ascontiguousarray(make().reshape(lay.n, -1)[:, :lay.k]))
+        flat = g.weight(name, (lay.n, lay.k), np.uint8, make)
         with g.scope("offset"):
             padded = g.op("Pad", flat, g.const([0, 0, 0, pad]), g.const(lay.zero_point, np.uint8))
             return g.op("Reshape", padded, g.const(list(lay.b_shape)))

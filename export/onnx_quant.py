@@ -140,8 +140,9 @@ class PackedNBits:
     """One weight as stored: ``b`` uint8 [N, k_blocks, blob], ``scales`` float32 [N, k_blocks],
     ``zero_points`` (ORT units, ``OFFSET_UINT8``: uint8 ``zp_u8_shape``; ``OFFSET_FLOAT``:
     float32 [N, k_blocks]) or ``offset_t`` (``OFFSET_CORRECTION``: C.T float32 [groups, N])
-    or ``offset_b`` / ``offset_scales`` (``OFFSET_BLOCKS``: C as an 8-bit MatMulNBits weight
-    of K = groups, ``correction_layout``)."""
+    or ``offset_b`` / ``offset_scales`` (``OFFSET_BLOCKS``: C as the codes [N, groups] of an
+    8-bit MatMulNBits weight of K = groups, without the last block's padding, and its scales
+    [N, blocks]; ``correction_layout``)."""
 
     b: np.ndarray
     scales: np.ndarray
@@ -205,8 +206,7 @@ def pack_nbits(w: torch.Tensor, lp: LinearPlan, what: str, storage: str | None =
         elif storage == OFFSET_BLOCKS:
             cq, cs = qw.block_correction()  # codes [N, blocks * 32] (zero-padded), scales [N, blocks]
             clay = correction_layout(n, qw.scale.shape[1])
-            out.offset_b = np.ascontiguousarray((cq.numpy().astype(np.int16) + clay.zero_point).astype(np.uint8)
-                                                .reshape(clay.b_shape))
+            out.offset_b = np.ascontiguousarray((cq[:, :clay.k].numpy().astype(np.int16) + clay.zero_point).astype(np.uint8))
             out.offset_scales = np.ascontiguousarray(cs.float().numpy().reshape(clay.scales_shape))
         else:
             raise ValueError(f"{what}: offset storage {storage!r} for a weight with offsets")

@@ -358,7 +358,7 @@ def plan_for(model: nn.Module, variant: Variant, fmt: str | None = None) -> Quan
         plan = make_plan(model, scheme, variant.embedding, fmt, variant.head_passes, variant.head_eq, variant.down_passes,
                          variant.offsets)
     except PlanOptionError as e:  # the variant's own plan options: name the variant
-        raise PlanOptionError(f"--quant {variant.text!r}: {e}") from None
+        raise PlanOptionError(f"--quant {variant.text!r}: {e}", e.option) from None
     return plan
 
 

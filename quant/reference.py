@@ -240,6 +240,11 @@ class QuantizedWeight:
         pad = -(-g // CORRECTION_BLOCK) * CORRECTION_BLOCK - g
         return quantize_symmetric(F.pad(c, (0, pad)), 8, CORRECTION_BLOCK)
 
+    def block_offsets(self) -> torch.Tensor:
+        """C [out, G] as ``block_correction`` stores it (int8 per row and block), dequantized."""
+        cq, cs = self.block_correction()
+        return dequantize(cq, cs)[:, :self.scale.shape[1]]
+
     def stored(self, offset: str) -> torch.Tensor:
         """The weight as an artifact with offset storage ``offset`` holds it: the exact
         dequantization, or the codes' product plus the int8-rounded offsets of a correction."""
@@ -251,8 +256,7 @@ class QuantizedWeight:
             cq, cs = self.correction()
             c = dequantize(cq, cs) / (in_f // groups)
         else:
-            cq, cs = self.block_correction()
-            c = dequantize(cq, cs)[:, :groups]
+            c = self.block_offsets()
         return self.codes_only() + c.repeat_interleave(in_f // groups, dim=1)
 
 
@@ -311,9 +315,8 @@ def reference_linear(w: torch.Tensor, lp: LinearPlan) -> nn.Module:
     """The reference module of one planned linear."""
     qw = quantize_weight(w, lp)
     if qw.zero is not None and lp.offset == "block_correction":
-        cq, cs = qw.block_correction()
-        c = dequantize(cq, cs)[:, :qw.scale.shape[1]].to(w.dtype)
-        return BlockCorrectedLinear(qw.codes_only().to(w.dtype), c, lp.dynamic_act, lp.act_passes if lp.dynamic_act else 1)
+        return BlockCorrectedLinear(qw.codes_only().to(w.dtype), qw.block_offsets().to(w.dtype), lp.dynamic_act,
+                                    lp.act_passes if lp.dynamic_act else 1)
     if qw.zero is not None and lp.offset == "correction":
         cq, cs = qw.correction()
         corr = FakeQuantLinear(dequantize(cq, cs).to(w.dtype), True)

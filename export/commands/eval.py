@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "emb=none|8w|4w, and smooth[=ALPHA] (SmoothQuant activation smoothing for 8da*, default alpha "
                         "0.6, calibrated on the shipped text's last 4,096 tokens), head-passes=1|2 (int8 passes of the "
                         "tied 8-bit head's input, default 2 except on the .pte), head-eq=0|1 (the tied 8-bit "
-                        "embedding stored column-equalized, default where the head's input is float or in two passes) "
+                        "embedding stored column-equalized, default where the head's input is float or in two passes), "
                         "down-passes=1|2 (int8 passes of down_proj's input, default 2 for 8da8w except on the .pte) "
                         "and offsets=exact|int8 (how float offsets are stored; default exact except on the .pte), "
                         "e.g. 8da4w:affine,emb=8w or 8da8w:smooth")
